@@ -1,0 +1,1 @@
+"""The HTTP gateway (FastAPI): best-of-n, OpenAI-compatible endpoints, feedback. Issue #6."""

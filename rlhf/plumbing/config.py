@@ -1,0 +1,199 @@
+"""Service configuration: one pydantic-settings class per service.
+
+Sources, highest priority first: explicit values (CLI flags), environment variables
+(`RLHF_<SERVICE>_<FIELD>`, nested with `__`, lists comma-separated), a YAML file, defaults.
+Unknown keys are errors that name the key, in the YAML file and in the environment alike, so a
+typo never silently falls back to a default. The one exception is the variables Kubernetes injects
+for a Service of the same name (`RLHF_POLICY_PORT=tcp://...`, `..._SERVICE_HOST`): they are ignored,
+and no field is named `port` so they cannot collide.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key and the source."""
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+# A list that an environment variable gives as "a,b,c" (not JSON).
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("RLHF_HOME", "~/.cache/rlhf-grpc")).expanduser()
+
+
+class ServerTLS(BaseModel):
+    """TLS for a gRPC server. cert_file + key_file turn TLS on; client_ca_file also requires
+    clients to present a certificate signed by that CA (mutual TLS)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+class ClientTLS(BaseModel):
+    """TLS for this service's calls to its peers. ca_file turns TLS on; cert_file + key_file
+    present a client certificate (mutual TLS)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # For certificates whose names don't match the address dialled (e.g. an IP in tests).
+    server_name_override: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca_file is not None
+
+
+_yaml_values: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "_yaml_values", default={}
+)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field, field_name):  # pragma: no cover - not used by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_yaml_values.get())
+
+
+# Names Kubernetes injects for a Service called e.g. "rlhf-policy" (docker-link style variables).
+_K8S_LINK = re.compile(r"^(SERVICE_HOST|SERVICE_PORT(_.*)?|PORT(_\d+_(TCP|UDP|SCTP)(_.*)?)?)$")
+
+
+class ServiceConfig(BaseSettings):
+    """Fields every service has. Subclasses set `service` and the env prefix."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid", env_nested_delimiter="__", validate_default=True
+    )
+    service: ClassVar[str] = "service"
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds (0.0.0.0 in pods).")
+    grpc_port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free one."
+    )
+    metrics_enabled: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # Seconds between reporting NOT_SERVING and refusing new calls on SIGTERM, so load balancers
+    # and Kubernetes readiness notice before the port stops answering.
+    drain_delay_seconds: float = Field(0.0, ge=0)
+    # Seconds in-flight calls get to finish after new calls are refused; then they are cancelled.
+    drain_grace_seconds: float = Field(30.0, ge=0)
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    tls: ServerTLS = Field(default_factory=ServerTLS)
+    client_tls: ClientTLS = Field(default_factory=ClientTLS)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @classmethod
+    def env_prefix(cls) -> str:
+        return cls.model_config.get("env_prefix", "")
+
+    @classmethod
+    def load(cls, yaml_file: str | Path | None = None, **overrides: Any):
+        """Builds the config from overrides, the environment and `yaml_file`.
+
+        Overrides whose value is None are dropped, so CLI options left unset don't mask the
+        environment or the file. Raises ConfigError naming the offending key."""
+        data: dict[str, Any] = {}
+        source = "defaults"
+        if yaml_file is not None:
+            source = str(yaml_file)
+            try:
+                data = yaml.safe_load(Path(yaml_file).read_text()) or {}
+            except FileNotFoundError:
+                raise ConfigError(f"config file not found: {yaml_file}") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {yaml_file} is not valid YAML: {exc}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {yaml_file} must hold a mapping of keys")
+            cls._check_keys(data, source)
+        cls._check_env()
+        token = _yaml_values.set(data)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, cls, source)) from None
+        finally:
+            _yaml_values.reset(token)
+
+    @classmethod
+    def _check_keys(cls, data: dict[str, Any], source: str) -> None:
+        known = set(cls.model_fields)
+        for key in data:
+            if key not in known:
+                raise ConfigError(
+                    f"unknown config key {key!r} in {source}; known keys: {', '.join(sorted(known))}"
+                )
+
+    @classmethod
+    def _check_env(cls) -> None:
+        prefix = cls.env_prefix()
+        if not prefix:
+            return
+        known = {name.upper() for name in cls.model_fields}
+        for var in os.environ:
+            if not var.startswith(prefix):
+                continue
+            rest = var[len(prefix) :]
+            if rest.split("__", 1)[0] in known or _K8S_LINK.match(rest):
+                continue
+            raise ConfigError(
+                f"unknown environment variable {var}: {cls.__name__} has no field "
+                f"{rest.lower()!r}; known: {', '.join(sorted(f.lower() for f in known))}"
+            )
+
+
+def _describe(exc: ValidationError, cls: type[ServiceConfig], source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        env = cls.env_prefix() + key.replace(".", "__").upper()
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {key!r}")
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r}; env {env})")
+    return f"invalid {cls.service} configuration (from {source} / environment): " + "; ".join(lines)
+
+
+ConfigT = TypeVar("ConfigT", bound=ServiceConfig)

@@ -1,0 +1,162 @@
+"""gRPC server start-up shared by every service.
+
+Lifecycle: bind and start (health says NOT_SERVING, so probes see a live but unready pod) ->
+`app.startup()` (e.g. load the model) -> SERVING -> wait for SIGTERM/SIGINT -> NOT_SERVING ->
+`drain_delay_seconds` (load balancers move away) -> refuse new calls and give in-flight ones
+`drain_grace_seconds` to finish -> `app.shutdown()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rlhf.plumbing.config import ServiceConfig
+from rlhf.plumbing.interceptors import ServiceInterceptor
+from rlhf.plumbing.metrics import RpcMetrics, serve_metrics
+from rlhf.plumbing.tls import server_credentials
+
+log = logging.getLogger("rlhf.server")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ServiceApp(Protocol):
+    """What a service hands to the server: its gRPC services and its start-up and shut-down."""
+
+    #: Full names of the gRPC services it registers, e.g. ["rlhf.v1.PolicyService"].
+    service_names: Sequence[str]
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+    async def startup(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+class GrpcServer:
+    """A running service: gRPC port, health, reflection, metrics port, and its drain."""
+
+    def __init__(self, config: ServiceConfig, app: ServiceApp):
+        self.config = config
+        self.app = app
+        self.health = health.aio.HealthServicer()
+        self.port: int = 0
+        self.metrics_port: int | None = None
+        self._metrics_server = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self.ready = False
+
+    async def start(self) -> GrpcServer:
+        """Binds the port and runs `app.startup()`; returns once the service is SERVING.
+        If start-up fails the server is stopped and the error propagates."""
+        cfg = self.config
+        metrics = RpcMetrics.for_service(cfg.service) if cfg.metrics_enabled else None
+        server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(metrics)],
+            options=[
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.app.register(server)
+        names = [*self.app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
+        for name in ("", *self.app.service_names):
+            await self.health.set(name, NOT_SERVING)
+
+        address = f"{cfg.host}:{cfg.grpc_port}"
+        creds = server_credentials(cfg.tls)
+        if creds is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, creds)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC port {address}")
+        self._server = server
+        await server.start()
+        if cfg.metrics_enabled:
+            self._metrics_server, self.metrics_port = serve_metrics(cfg.host, cfg.metrics_port)
+        log.info(
+            "%s listening on %s:%d (%s), metrics on :%s; starting up",
+            cfg.service, cfg.host, self.port, "TLS" if creds else "plaintext", self.metrics_port,
+        )
+        try:
+            await self.app.startup()
+        except BaseException:
+            await self._stop_transport(grace=0)
+            raise
+        for name in ("", *self.app.service_names):
+            await self.health.set(name, SERVING)
+        self.ready = True
+        log.info("%s ready", cfg.service)
+        return self
+
+    async def shutdown(self) -> None:
+        """Graceful drain; safe to call more than once."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self.ready = False
+        cfg = self.config
+        log.info("%s draining: NOT_SERVING, new calls refused in %.1fs", cfg.service,
+                 cfg.drain_delay_seconds)
+        # enter_graceful_shutdown sets every service NOT_SERVING and ignores later set() calls.
+        await self.health.enter_graceful_shutdown()
+        if cfg.drain_delay_seconds > 0:
+            await asyncio.sleep(cfg.drain_delay_seconds)
+        await self._stop_transport(grace=cfg.drain_grace_seconds)
+        try:
+            await self.app.shutdown()
+        finally:
+            self._stopped.set()
+            log.info("%s stopped", cfg.service)
+
+    async def _stop_transport(self, grace: float) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def run_until_signalled(config: ServiceConfig, app: ServiceApp) -> None:
+    """Runs a service until SIGTERM or SIGINT, then drains it. The process entry point."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = GrpcServer(config, app)
+    start = asyncio.ensure_future(server.start())
+    stop_wait = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if start in done:
+        start.result()  # start-up errors end the process here
+        print(f"READY {config.service} grpc={server.port} metrics={server.metrics_port}",
+              flush=True)
+        await stop_wait
+    else:
+        log.info("signal during start-up; stopping")
+        start.cancel()
+        try:
+            await start
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - we are stopping anyway
+            pass
+    await server.shutdown()

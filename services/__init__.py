@@ -1,0 +1,1 @@
+"""The gRPC services. Each is its own package; they never import each other."""

@@ -1,0 +1,1 @@
+"""The policy service (rlhf.v1.PolicyService)."""

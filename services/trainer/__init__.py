@@ -1,0 +1,1 @@
+"""The trainer service (rlhf.v1.TrainerService)."""

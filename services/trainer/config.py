@@ -1,0 +1,22 @@
+"""Configuration of the trainer service (env prefix RLHF_TRAINER_)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from rlhf.plumbing.config import CommaList, ServiceConfig
+
+
+class TrainerConfig(ServiceConfig):
+    model_config = SettingsConfigDict(env_prefix="RLHF_TRAINER_")
+    service = "trainer"
+
+    grpc_port: int = Field(50053, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(9103, ge=0, le=65535, description="Prometheus port; 0 = free one.")
+    policy_addr: CommaList = Field(
+        default_factory=list, description="Policy replicas: host:port (repeatable) or dns:///name."
+    )
+    reward_addr: CommaList = Field(
+        default_factory=list, description="Reward replicas: host:port (repeatable) or dns:///name."
+    )
