@@ -25,7 +25,8 @@ def test_target_for():
 
 def test_endpoints_resolve_dns_names():
     assert "127.0.0.1:5000" in endpoints("dns:///localhost:5000")
-    assert endpoints(["127.0.0.1:1", "127.0.0.1:1", "127.0.0.2:1"]) == ["127.0.0.1:1", "127.0.0.2:1"]
+    deduped = endpoints(["127.0.0.1:1", "127.0.0.1:1", "127.0.0.2:1"])
+    assert deduped == ["127.0.0.1:1", "127.0.0.2:1"]
     assert endpoints("ipv4:127.0.0.1:1,127.0.0.2:2") == ["127.0.0.1:1", "127.0.0.2:2"]
 
 

@@ -125,7 +125,8 @@ def test_push_adapter_stream_messages():
     assert policy_pb2.PushAdapterRequest.FromString(header.SerializeToString()).WhichOneof(
         "part"
     ) == "header"
-    assert policy_pb2.PushAdapterRequest.FromString(chunk.SerializeToString()).data == b"\x00\x01\x02"
+    back = policy_pb2.PushAdapterRequest.FromString(chunk.SerializeToString())
+    assert back.data == b"\x00\x01\x02"
 
 
 def test_score_and_trainer_messages_round_trip():

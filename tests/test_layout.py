@@ -1,4 +1,4 @@
-"""The architecture's boundaries: services never import each other, plumbing holds no domain code."""
+"""The architecture's boundaries: services never import each other; plumbing has no domain code."""
 
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import urllib.request
 
 import grpc
@@ -67,7 +66,8 @@ async def test_request_id_is_propagated_and_returned(server):
         trailing = dict(await call.trailing_metadata())
         assert trailing["x-request-id"] == "abc-123"
         # No id (or an unusable one) from the caller: one is generated.
-        call = ch.unary_unary("/test.Slow/Sleep")(b"0", metadata=(("x-request-id", "bad id " + "x" * 200),))
+        bad_id = "bad id " + "x" * 200
+        call = ch.unary_unary("/test.Slow/Sleep")(b"0", metadata=(("x-request-id", bad_id),))
         await call
         generated = dict(await call.trailing_metadata())["x-request-id"]
         assert " " not in generated and len(generated) == 32
@@ -184,7 +184,8 @@ def test_sigterm_drains_a_real_process(tmp_path):
 
         async def scenario():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                call = asyncio.ensure_future(ch.unary_unary("/test.Slow/Sleep")(b"1000", timeout=10))
+                sleep = ch.unary_unary("/test.Slow/Sleep")
+                call = asyncio.ensure_future(sleep(b"1000", timeout=10))
                 await asyncio.sleep(0.2)
                 proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.1)

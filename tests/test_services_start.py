@@ -13,8 +13,14 @@ import grpc
 import pytest
 
 from rlhf import __version__
-from rlhf.v1 import policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc, trainer_pb2
-from rlhf.v1 import trainer_pb2_grpc
+from rlhf.v1 import (
+    policy_pb2,
+    policy_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
 from tests.conftest import free_port
 from tests.grpc_helpers import health_status, read_until, start_process
 

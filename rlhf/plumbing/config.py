@@ -76,8 +76,8 @@ class ClientTLS(BaseModel):
         return self.ca_file is not None
 
 
-_yaml_values: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
-    "_yaml_values", default={}
+_yaml_values: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "_yaml_values", default=None
 )
 
 
@@ -86,7 +86,7 @@ class _YamlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_yaml_values.get())
+        return dict(_yaml_values.get() or {})
 
 
 # Names Kubernetes injects for a Service called e.g. "rlhf-policy" (docker-link style variables).
@@ -163,7 +163,8 @@ class ServiceConfig(BaseSettings):
         for key in data:
             if key not in known:
                 raise ConfigError(
-                    f"unknown config key {key!r} in {source}; known keys: {', '.join(sorted(known))}"
+                    f"unknown config key {key!r} in {source}; "
+                    f"known keys: {', '.join(sorted(known))}"
                 )
 
     @classmethod

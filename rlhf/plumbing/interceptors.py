@@ -130,7 +130,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Applies request ids, error mapping and metrics to every RPC but the health and reflection
     services (probes would drown the series)."""
 
-    def __init__(self, metrics: RpcMetrics | None, skip_prefixes=("/grpc.health.", "/grpc.reflection.")):
+    def __init__(
+        self,
+        metrics: RpcMetrics | None,
+        skip_prefixes=("/grpc.health.", "/grpc.reflection."),
+    ):
         self.metrics = metrics
         self.skip_prefixes = tuple(skip_prefixes)
 

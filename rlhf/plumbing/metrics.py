@@ -62,7 +62,9 @@ class RpcMetrics:
             latency=histogram(
                 f"{prefix}_request_duration_seconds", "gRPC call latency", ("method",)
             ),
-            in_flight=gauge(f"{prefix}_requests_in_flight", "gRPC calls being handled", ("method",)),
+            in_flight=gauge(
+                f"{prefix}_requests_in_flight", "gRPC calls being handled", ("method",)
+            ),
         )
 
 
