@@ -43,7 +43,7 @@ def _write_key(key, path: Path) -> None:
 
 def _ca(cn: str):
     key = _key()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -60,7 +60,7 @@ def _ca(cn: str):
 
 def _leaf(ca_key, ca_cert, cn: str, usage, sans=()):
     key = _key()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
