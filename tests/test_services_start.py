@@ -59,7 +59,7 @@ async def _probe(port: int, name: str):
         return overall, named, info, err.value
 
 
-@pytest.mark.parametrize("name", ["policy", "reward", "trainer"])
+@pytest.mark.parametrize("name", ["reward", "trainer"])
 def test_service_starts_serves_health_and_stops(name, tmp_path):
     port, mport = free_port(), free_port()
     proc = start_process(
@@ -121,8 +121,22 @@ def test_port_in_use_fails_with_a_message(tmp_path):
             env=_env(tmp_path),
         )
         out, _ = proc.communicate(timeout=30)
-    assert proc.returncode != 0
-    assert f"127.0.0.1:{taken}" in out
+    assert proc.returncode == 1
+    assert f"cannot bind gRPC port 127.0.0.1:{taken}" in out
+    assert "Traceback" not in out
+
+
+def test_policy_without_a_model_fails_with_a_message(tmp_path):
+    proc = start_process(
+        ["-m", "services.policy", "--port", "0", "--metrics-port", "0",
+         "--model", str(tmp_path / "no-model")],
+        env=_env(tmp_path),
+    )
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert f"model folder {tmp_path / 'no-model'} not found" in out
+    assert "rlhf model prepare" in out
+    assert "Traceback" not in out
 
 
 def test_not_yet_commands_say_so():

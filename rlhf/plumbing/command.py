@@ -18,6 +18,7 @@ import click
 from pydantic import BaseModel
 
 from rlhf.plumbing.config import ConfigError, ServiceConfig
+from rlhf.plumbing.errors import ServiceError
 from rlhf.plumbing.logs import setup_logging
 from rlhf.plumbing.server import ServiceApp, run_until_signalled
 
@@ -91,6 +92,10 @@ def service_command(
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except (ServiceError, OSError) as exc:
+            # Start-up failures (no model, port taken) end with their message, not a traceback.
+            click.echo(f"error: {config.service} failed to start: {exc}", err=True)
+            sys.exit(1)
 
     return click.Command(
         config_cls.service, params=params, callback=callback,

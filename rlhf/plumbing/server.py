@@ -79,12 +79,15 @@ class GrpcServer:
 
         address = f"{cfg.host}:{cfg.grpc_port}"
         creds = server_credentials(cfg.tls)
-        if creds is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, creds)
+        try:
+            if creds is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, creds)
+        except RuntimeError as exc:  # grpc raises RuntimeError when the port is taken
+            raise OSError(f"cannot bind gRPC port {address} (in use?): {exc}") from None
         if self.port == 0:
-            raise OSError(f"cannot bind gRPC port {address}")
+            raise OSError(f"cannot bind gRPC port {address} (in use?)")
         self._server = server
         await server.start()
         if cfg.metrics_enabled:

@@ -26,19 +26,19 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/policy.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/common.proto\"+\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"^\n\x0f\x41\x64\x61pterSelector\x12&\n\x06target\x18\x01 \x01(\x0e\x32\x16.rlhf.v1.AdapterTarget\x12#\n\x06pinned\x18\x02 \x01(\x0b\x32\x13.rlhf.v1.AdapterRef\">\n\x08ServedBy\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\x08\x12$\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x13.rlhf.v1.AdapterRef\"\x94\x03\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x02\x88\x01\x01\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12\x12\n\nignore_eos\x18\x10 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x87\x01\n\x0fGenerateRequest\x12 \n\x07prompts\x18\x01 \x03(\x0b\x32\x0f.rlhf.v1.Prompt\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12)\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x18.rlhf.v1.AdapterSelector\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xbd\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12*\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x14.rlhf.v1.TopLogprobs\x12,\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x07 \x01(\t\"\x8e\x01\n\x0cPromptResult\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x13.rlhf.v1.Completion\x12$\n\tserved_by\x18\x04 \x01(\x0b\x32\x11.rlhf.v1.ServedBy\"m\n\x10GenerateResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.rlhf.v1.PromptResult\x12\x1d\n\x05usage\x18\x02 \x01(\x0b\x32\x0e.rlhf.v1.Usage\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x8c\x01\n\x15GenerateStreamRequest\x12\x1f\n\x06prompt\x18\x01 \x01(\x0b\x32\x0f.rlhf.v1.Prompt\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12)\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x18.rlhf.v1.AdapterSelector\"\xae\x02\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12*\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x14.rlhf.v1.TopLogprobs\x12,\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x07 \x01(\t\x12$\n\tserved_by\x18\x08 \x01(\x0b\x32\x11.rlhf.v1.ServedBy\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12\x1d\n\x05usage\x18\n \x01(\x0b\x32\x0e.rlhf.v1.Usage\"\xa1\x01\n\rAdapterHeader\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.AdapterRef\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x15\n\rbase_model_id\x18\x04 \x01(\t\x12\x18\n\x10peft_config_json\x18\x05 \x01(\t\x12\x15\n\rskip_activate\x18\x06 \x01(\x08\"V\n\x12PushAdapterRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.AdapterHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xd8\x01\n\x0b\x41\x64\x61pterInfo\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.AdapterRef\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12-\n\tloaded_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\x07 \x01(\x08\x12\x1a\n\x12in_flight_requests\x18\x08 \x01(\r\"e\n\x13PushAdapterResponse\x12%\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x14.rlhf.v1.AdapterInfo\x12\x11\n\tactivated\x18\x02 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\"M\n\x17SetActiveAdapterRequest\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.AdapterRef\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\x08\"b\n\x18SetActiveAdapterResponse\x12#\n\x08previous\x18\x01 \x01(\x0b\x32\x11.rlhf.v1.ServedBy\x12!\n\x06\x61\x63tive\x18\x02 \x01(\x0b\x32\x11.rlhf.v1.ServedBy\"#\n\x13ListAdaptersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"a\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.AdapterInfo\x12!\n\x06\x61\x63tive\x18\x02 \x01(\x0b\x32\x11.rlhf.v1.ServedBy\"\x1d\n\x1bPolicyServiceGetInfoRequest\"\xf4\x02\n\x1cPolicyServiceGetInfoResponse\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.ServerInfo\x12\x15\n\rbase_model_id\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\r\n\x05max_n\x18\x04 \x01(\r\x12\x1f\n\x17max_prompts_per_request\x18\x05 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x06 \x01(\r\x12\x19\n\x11max_adapter_bytes\x18\x07 \x01(\x04\x12\x15\n\rkeep_versions\x18\x08 \x01(\r\x12*\n\x0c\x61\x64\x61pter_mode\x18\t \x01(\x0e\x32\x14.rlhf.v1.AdapterMode\x12!\n\x06\x61\x63tive\x18\n \x01(\x0b\x32\x11.rlhf.v1.ServedBy\x12\x0e\n\x06\x65ngine\x18\x0b \x01(\t\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\r \x01(\r*~\n\rAdapterTarget\x12\x1e\n\x1a\x41\x44\x41PTER_TARGET_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_TARGET_ACTIVE\x10\x01\x12\x17\n\x13\x41\x44\x41PTER_TARGET_BASE\x10\x02\x12\x19\n\x15\x41\x44\x41PTER_TARGET_PINNED\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*[\n\x0b\x41\x64\x61pterMode\x12\x1c\n\x18\x41\x44\x41PTER_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_MODE_LORA\x10\x01\x12\x17\n\x13\x41\x44\x41PTER_MODE_MERGED\x10\x02\x32\xef\x03\n\rPolicyService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.rlhf.v1.GenerateStreamRequest\x1a\x1f.rlhf.v1.GenerateStreamResponse0\x01\x12J\n\x0bPushAdapter\x12\x1b.rlhf.v1.PushAdapterRequest\x1a\x1c.rlhf.v1.PushAdapterResponse(\x01\x12W\n\x10SetActiveAdapter\x12 .rlhf.v1.SetActiveAdapterRequest\x1a!.rlhf.v1.SetActiveAdapterResponse\x12K\n\x0cListAdapters\x12\x1c.rlhf.v1.ListAdaptersRequest\x1a\x1d.rlhf.v1.ListAdaptersResponse\x12V\n\x07GetInfo\x12$.rlhf.v1.PolicyServiceGetInfoRequest\x1a%.rlhf.v1.PolicyServiceGetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/policy.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/common.proto\"+\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"^\n\x0f\x41\x64\x61pterSelector\x12&\n\x06target\x18\x01 \x01(\x0e\x32\x16.rlhf.v1.AdapterTarget\x12#\n\x06pinned\x18\x02 \x01(\x0b\x32\x13.rlhf.v1.AdapterRef\">\n\x08ServedBy\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\x08\x12$\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x13.rlhf.v1.AdapterRef\"\xb3\x03\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x04\x88\x01\x01\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x05\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12\x12\n\nignore_eos\x18\x10 \x01(\x08\x42\x04\n\x02_nB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x87\x01\n\x0fGenerateRequest\x12 \n\x07prompts\x18\x01 \x03(\x0b\x32\x0f.rlhf.v1.Prompt\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12)\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x18.rlhf.v1.AdapterSelector\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xbd\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12*\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x14.rlhf.v1.TopLogprobs\x12,\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x07 \x01(\t\"\x8e\x01\n\x0cPromptResult\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12(\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x13.rlhf.v1.Completion\x12$\n\tserved_by\x18\x04 \x01(\x0b\x32\x11.rlhf.v1.ServedBy\"m\n\x10GenerateResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.rlhf.v1.PromptResult\x12\x1d\n\x05usage\x18\x02 \x01(\x0b\x32\x0e.rlhf.v1.Usage\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x8c\x01\n\x15GenerateStreamRequest\x12\x1f\n\x06prompt\x18\x01 \x01(\x0b\x32\x0f.rlhf.v1.Prompt\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12)\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x18.rlhf.v1.AdapterSelector\"\xae\x02\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12*\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x14.rlhf.v1.TopLogprobs\x12,\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x07 \x01(\t\x12$\n\tserved_by\x18\x08 \x01(\x0b\x32\x11.rlhf.v1.ServedBy\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12\x1d\n\x05usage\x18\n \x01(\x0b\x32\x0e.rlhf.v1.Usage\"\xa1\x01\n\rAdapterHeader\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.AdapterRef\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x15\n\rbase_model_id\x18\x04 \x01(\t\x12\x18\n\x10peft_config_json\x18\x05 \x01(\t\x12\x15\n\rskip_activate\x18\x06 \x01(\x08\"V\n\x12PushAdapterRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.AdapterHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xd8\x01\n\x0b\x41\x64\x61pterInfo\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.AdapterRef\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12-\n\tloaded_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\x07 \x01(\x08\x12\x1a\n\x12in_flight_requests\x18\x08 \x01(\r\"e\n\x13PushAdapterResponse\x12%\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x14.rlhf.v1.AdapterInfo\x12\x11\n\tactivated\x18\x02 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\"M\n\x17SetActiveAdapterRequest\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.AdapterRef\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\x08\"b\n\x18SetActiveAdapterResponse\x12#\n\x08previous\x18\x01 \x01(\x0b\x32\x11.rlhf.v1.ServedBy\x12!\n\x06\x61\x63tive\x18\x02 \x01(\x0b\x32\x11.rlhf.v1.ServedBy\"#\n\x13ListAdaptersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"a\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.AdapterInfo\x12!\n\x06\x61\x63tive\x18\x02 \x01(\x0b\x32\x11.rlhf.v1.ServedBy\"\x1d\n\x1bPolicyServiceGetInfoRequest\"\xf4\x02\n\x1cPolicyServiceGetInfoResponse\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.ServerInfo\x12\x15\n\rbase_model_id\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\r\n\x05max_n\x18\x04 \x01(\r\x12\x1f\n\x17max_prompts_per_request\x18\x05 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x06 \x01(\r\x12\x19\n\x11max_adapter_bytes\x18\x07 \x01(\x04\x12\x15\n\rkeep_versions\x18\x08 \x01(\r\x12*\n\x0c\x61\x64\x61pter_mode\x18\t \x01(\x0e\x32\x14.rlhf.v1.AdapterMode\x12!\n\x06\x61\x63tive\x18\n \x01(\x0b\x32\x11.rlhf.v1.ServedBy\x12\x0e\n\x06\x65ngine\x18\x0b \x01(\t\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\r \x01(\r*~\n\rAdapterTarget\x12\x1e\n\x1a\x41\x44\x41PTER_TARGET_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_TARGET_ACTIVE\x10\x01\x12\x17\n\x13\x41\x44\x41PTER_TARGET_BASE\x10\x02\x12\x19\n\x15\x41\x44\x41PTER_TARGET_PINNED\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*[\n\x0b\x41\x64\x61pterMode\x12\x1c\n\x18\x41\x44\x41PTER_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_MODE_LORA\x10\x01\x12\x17\n\x13\x41\x44\x41PTER_MODE_MERGED\x10\x02\x32\xef\x03\n\rPolicyService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.rlhf.v1.GenerateStreamRequest\x1a\x1f.rlhf.v1.GenerateStreamResponse0\x01\x12J\n\x0bPushAdapter\x12\x1b.rlhf.v1.PushAdapterRequest\x1a\x1c.rlhf.v1.PushAdapterResponse(\x01\x12W\n\x10SetActiveAdapter\x12 .rlhf.v1.SetActiveAdapterRequest\x1a!.rlhf.v1.SetActiveAdapterResponse\x12K\n\x0cListAdapters\x12\x1c.rlhf.v1.ListAdaptersRequest\x1a\x1d.rlhf.v1.ListAdaptersResponse\x12V\n\x07GetInfo\x12$.rlhf.v1.PolicyServiceGetInfoRequest\x1a%.rlhf.v1.PolicyServiceGetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERTARGET']._serialized_start=3081
-  _globals['_ADAPTERTARGET']._serialized_end=3207
-  _globals['_FINISHREASON']._serialized_start=3209
-  _globals['_FINISHREASON']._serialized_end=3329
-  _globals['_ADAPTERMODE']._serialized_start=3331
-  _globals['_ADAPTERMODE']._serialized_end=3422
+  _globals['_ADAPTERTARGET']._serialized_start=3112
+  _globals['_ADAPTERTARGET']._serialized_end=3238
+  _globals['_FINISHREASON']._serialized_start=3240
+  _globals['_FINISHREASON']._serialized_end=3360
+  _globals['_ADAPTERMODE']._serialized_start=3362
+  _globals['_ADAPTERMODE']._serialized_end=3453
   _globals['_ADAPTERREF']._serialized_start=88
   _globals['_ADAPTERREF']._serialized_end=131
   _globals['_ADAPTERSELECTOR']._serialized_start=133
@@ -46,41 +46,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVEDBY']._serialized_start=229
   _globals['_SERVEDBY']._serialized_end=291
   _globals['_SAMPLINGPARAMS']._serialized_start=294
-  _globals['_SAMPLINGPARAMS']._serialized_end=698
-  _globals['_GENERATEREQUEST']._serialized_start=701
-  _globals['_GENERATEREQUEST']._serialized_end=836
-  _globals['_TOPLOGPROBS']._serialized_start=838
-  _globals['_TOPLOGPROBS']._serialized_end=888
-  _globals['_COMPLETION']._serialized_start=891
-  _globals['_COMPLETION']._serialized_end=1080
-  _globals['_PROMPTRESULT']._serialized_start=1083
-  _globals['_PROMPTRESULT']._serialized_end=1225
-  _globals['_GENERATERESPONSE']._serialized_start=1227
-  _globals['_GENERATERESPONSE']._serialized_end=1336
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=1339
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1479
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1482
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1784
-  _globals['_ADAPTERHEADER']._serialized_start=1787
-  _globals['_ADAPTERHEADER']._serialized_end=1948
-  _globals['_PUSHADAPTERREQUEST']._serialized_start=1950
-  _globals['_PUSHADAPTERREQUEST']._serialized_end=2036
-  _globals['_ADAPTERINFO']._serialized_start=2039
-  _globals['_ADAPTERINFO']._serialized_end=2255
-  _globals['_PUSHADAPTERRESPONSE']._serialized_start=2257
-  _globals['_PUSHADAPTERRESPONSE']._serialized_end=2358
-  _globals['_SETACTIVEADAPTERREQUEST']._serialized_start=2360
-  _globals['_SETACTIVEADAPTERREQUEST']._serialized_end=2437
-  _globals['_SETACTIVEADAPTERRESPONSE']._serialized_start=2439
-  _globals['_SETACTIVEADAPTERRESPONSE']._serialized_end=2537
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=2539
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=2574
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2576
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2673
-  _globals['_POLICYSERVICEGETINFOREQUEST']._serialized_start=2675
-  _globals['_POLICYSERVICEGETINFOREQUEST']._serialized_end=2704
-  _globals['_POLICYSERVICEGETINFORESPONSE']._serialized_start=2707
-  _globals['_POLICYSERVICEGETINFORESPONSE']._serialized_end=3079
-  _globals['_POLICYSERVICE']._serialized_start=3425
-  _globals['_POLICYSERVICE']._serialized_end=3920
+  _globals['_SAMPLINGPARAMS']._serialized_end=729
+  _globals['_GENERATEREQUEST']._serialized_start=732
+  _globals['_GENERATEREQUEST']._serialized_end=867
+  _globals['_TOPLOGPROBS']._serialized_start=869
+  _globals['_TOPLOGPROBS']._serialized_end=919
+  _globals['_COMPLETION']._serialized_start=922
+  _globals['_COMPLETION']._serialized_end=1111
+  _globals['_PROMPTRESULT']._serialized_start=1114
+  _globals['_PROMPTRESULT']._serialized_end=1256
+  _globals['_GENERATERESPONSE']._serialized_start=1258
+  _globals['_GENERATERESPONSE']._serialized_end=1367
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1370
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1510
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1513
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1815
+  _globals['_ADAPTERHEADER']._serialized_start=1818
+  _globals['_ADAPTERHEADER']._serialized_end=1979
+  _globals['_PUSHADAPTERREQUEST']._serialized_start=1981
+  _globals['_PUSHADAPTERREQUEST']._serialized_end=2067
+  _globals['_ADAPTERINFO']._serialized_start=2070
+  _globals['_ADAPTERINFO']._serialized_end=2286
+  _globals['_PUSHADAPTERRESPONSE']._serialized_start=2288
+  _globals['_PUSHADAPTERRESPONSE']._serialized_end=2389
+  _globals['_SETACTIVEADAPTERREQUEST']._serialized_start=2391
+  _globals['_SETACTIVEADAPTERREQUEST']._serialized_end=2468
+  _globals['_SETACTIVEADAPTERRESPONSE']._serialized_start=2470
+  _globals['_SETACTIVEADAPTERRESPONSE']._serialized_end=2568
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2570
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2605
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2607
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2704
+  _globals['_POLICYSERVICEGETINFOREQUEST']._serialized_start=2706
+  _globals['_POLICYSERVICEGETINFOREQUEST']._serialized_end=2735
+  _globals['_POLICYSERVICEGETINFORESPONSE']._serialized_start=2738
+  _globals['_POLICYSERVICEGETINFORESPONSE']._serialized_end=3110
+  _globals['_POLICYSERVICE']._serialized_start=3456
+  _globals['_POLICYSERVICE']._serialized_end=3951
 # @@protoc_insertion_point(module_scope)

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlhf.plumbing.config import ServiceConfig
+
+# vLLM accepts only these LoRA ranks as the engine maximum.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class PolicyConfig(ServiceConfig):
@@ -17,10 +20,53 @@ class PolicyConfig(ServiceConfig):
 
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus port; 0 = free one.")
-    model: Path | None = Field(None, description="HF model folder (default: the prepared SmolLM2).")
+    model: Path | None = Field(
+        None, description="HF model folder (default: the prepared SmolLM2 under data_dir)."
+    )
+    base_model_id: str | None = Field(
+        None, description="Id pushed adapters must name (default: the model folder's name)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Weights dtype in vLLM."
+    )
+    max_model_len: int = Field(2048, ge=16, description="Context length (prompt + completion).")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size in GiB (CPU).")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences vLLM schedules at once.")
+    enforce_eager: bool = Field(True, description="Skip graph capture (no gain on CPU).")
+    seed: int = Field(0, description="Engine seed (unseeded requests still differ).")
     adapter_mode: Literal["lora", "merged"] = Field(
         "lora", description="lora: every kept version servable; merged: active one merged in."
     )
+    max_lora_rank: int = Field(16, description="Largest LoRA rank accepted (a vLLM rank).")
+    keep_versions: int = Field(4, ge=1, description="Adapter versions kept loaded per name.")
+    max_loaded_adapters: int = Field(
+        8, ge=1, description="Most adapter versions loaded at once, over all names."
+    )
+    max_adapter_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="Largest adapter upload accepted."
+    )
     max_n: int = Field(16, ge=1, description="Largest n per prompt.")
     max_prompts_per_request: int = Field(256, ge=1, description="Most prompts per Generate call.")
-    admin_token: str | None = Field(None, description="Token PushAdapter/SetActiveAdapter need.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request omits it.")
+    max_pending_sequences: int = Field(
+        1024, ge=1, description="Admission bound: sequences (prompts x n) in flight at once."
+    )
+    admin_token: str | None = Field(
+        None, description="Token PushAdapter/SetActiveAdapter need (unset: open, with a warning)."
+    )
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be one of {VLLM_LORA_RANKS}")
+        return value
+
+    def resolved_model(self) -> Path:
+        return self.model or self.data_dir / "models" / "SmolLM2-135M-Instruct"
+
+    def resolved_base_model_id(self) -> str:
+        return self.base_model_id or self.resolved_model().name
+
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "policy" / "adapters"

@@ -1,0 +1,371 @@
+"""The adapter versions a policy replica keeps, which one is active, and who is using which.
+
+Files live under `<data_dir>/policy/adapters/<name>/v<version>/` and `state.json` records the
+active version and the newest version ever accepted per name, so a restart serves what was
+served before. A request takes a lease on the version it runs on; an old version is unloaded and
+deleted only when it is no longer kept *and* its last lease is returned.
+
+In `lora` mode every kept version is loaded in vLLM and servable. In `merged` mode only the active
+version is servable: it is merged into the base weights, and a switch waits for the requests on
+the old weights to finish while new requests wait for the switch (so a response's version is
+always the weights that produced it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf.plumbing.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from services.policy.engine import AdapterHandle, Engine
+from services.policy.stats import EngineStats
+
+log = logging.getLogger("rlhf.policy.adapters")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+META_FILE = "rlhf_adapter.json"
+
+
+def check_name(name: str) -> str:
+    """Adapter names become directory names: only a safe alphabet, so no path traversal."""
+    if not NAME_RE.match(name or ""):
+        raise InvalidArgument(
+            f"adapter name {name!r} is invalid: 1-64 characters of [A-Za-z0-9._-], "
+            "not starting with '.'"
+        )
+    return name
+
+
+@dataclass
+class Kept:
+    handle: AdapterHandle
+    sha256: str
+    size_bytes: int
+    rank: int
+    target_modules: list[str]
+    loaded_at: float
+    in_flight: int = 0
+    retiring: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.handle.name, self.handle.version)
+
+
+@dataclass
+class Lease:
+    """What a request runs on. `handle` is None for the base model and in merged mode."""
+
+    handle: AdapterHandle | None
+    served: tuple[str, int] | None  # (name, version), None = base
+    kept: Kept | None = field(default=None, repr=False)
+
+
+class AdapterRegistry:
+    def __init__(self, root: Path, engine: Engine, mode: str, keep_versions: int,
+                 max_loaded: int, stats: EngineStats):
+        self.root = root
+        self.engine = engine
+        self.mode = mode
+        self.keep_versions = keep_versions
+        self.max_loaded = max_loaded
+        self.stats = stats
+        self.active: tuple[str, int] | None = None
+        self._kept: dict[tuple[str, int], Kept] = {}
+        self._newest: dict[str, int] = {}
+        self._ids = itertools.count(1)
+        self._name_locks: dict[str, asyncio.Lock] = {}
+        self._switch_lock = asyncio.Lock()
+        self._base_in_flight = 0
+        # merged mode: cleared while the served weights change; acquire() waits on it.
+        self._open = asyncio.Event()
+        self._open.set()
+        self._idle = asyncio.Condition()
+
+    # ------------------------------------------------------------------ paths and persistence
+
+    def dir_for(self, name: str, version: int) -> Path:
+        path = (self.root / check_name(name) / f"v{int(version)}").resolve()
+        if self.root.resolve() not in path.parents:  # belt and braces beside check_name
+            raise InvalidArgument(f"adapter name {name!r} is invalid")
+        return path
+
+    def incoming_dir(self) -> Path:
+        path = self.root / ".incoming"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _save_state(self) -> None:
+        state = {
+            "active": {"name": self.active[0], "version": self.active[1]} if self.active else None,
+            "newest": self._newest,
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / ".state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.root / "state.json")
+
+    async def restore(self) -> None:
+        """Reloads the kept versions and the active one from disk (start-up)."""
+        shutil.rmtree(self.root / ".incoming", ignore_errors=True)
+        state_file = self.root / "state.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        self._newest = {k: int(v) for k, v in (state.get("newest") or {}).items()}
+        found: list[Kept] = []
+        for meta_path in sorted(self.root.glob(f"*/v*/{META_FILE}")):
+            try:
+                meta = json.loads(meta_path.read_text())
+                folder = meta_path.parent
+                if not (folder / WEIGHTS_FILE).exists() or not (folder / CONFIG_FILE).exists():
+                    raise ValueError("files missing")
+                found.append(self._kept_from_meta(meta, folder))
+            except (ValueError, KeyError, OSError) as exc:
+                log.warning("ignoring damaged adapter folder %s: %s", meta_path.parent, exc)
+        active = state.get("active")
+        active_key = (active["name"], int(active["version"])) if active else None
+        for kept in sorted(found, key=lambda k: k.key):
+            self._newest[kept.handle.name] = max(self._newest.get(kept.handle.name, 0),
+                                                 kept.handle.version)
+            if self.mode == "lora":
+                await self.engine.add_adapter(kept.handle)
+            self._kept[kept.key] = kept
+        if active_key is not None and active_key in self._kept:
+            if self.mode == "merged":
+                await self.engine.load_merged(self._kept[active_key].handle.path)
+            self.active = active_key
+        elif active_key is not None:
+            log.warning("active adapter %s@v%d is gone from disk; serving the base model",
+                        *active_key)
+        self._refresh_gauges()
+        if self._kept:
+            log.info("restored %d adapter version(s); active: %s", len(self._kept),
+                     _fmt(self.active))
+
+    def _kept_from_meta(self, meta: dict, folder: Path) -> Kept:
+        return Kept(
+            handle=AdapterHandle(meta["name"], int(meta["version"]), next(self._ids), folder),
+            sha256=meta["sha256"],
+            size_bytes=int(meta["size_bytes"]),
+            rank=int(meta["rank"]),
+            target_modules=list(meta["target_modules"]),
+            loaded_at=float(meta.get("loaded_at", time.time())),
+        )
+
+    # ------------------------------------------------------------------ leases
+
+    async def acquire(self, target: str, pinned: tuple[str, int] | None = None) -> Lease:
+        """target: "active", "base" or "pinned". Resolved now: a later switch doesn't move it."""
+        if self.mode == "merged":
+            await self._open.wait()
+            if target == "base" or (target == "pinned" and pinned != self.active):
+                what = "the base model" if target == "base" else _fmt(pinned)
+                raise FailedPrecondition(
+                    f"this replica runs in merged adapter mode and serves only the active "
+                    f"version ({_fmt(self.active)}), not {what}; use a replica in lora mode"
+                )
+            target = "active"
+        if target == "pinned":
+            kept = self._kept.get(pinned)
+            if kept is None or kept.retiring:
+                name, version = pinned
+                versions = sorted(v for (n, v), k in self._kept.items()
+                                  if n == name and not k.retiring)
+                if not versions:
+                    raise NotFound(f"no adapter named {name!r} is kept by this replica")
+                raise NotFound(f"adapter {name}@v{version} is not kept; kept versions: {versions}")
+        elif target == "active" and self.active is not None:
+            kept = self._kept[self.active]
+        else:
+            kept = None
+        if kept is None:
+            self._base_in_flight += 1
+            return Lease(None, None)
+        kept.in_flight += 1
+        handle = kept.handle if self.mode == "lora" else None
+        return Lease(handle, kept.key, kept)
+
+    async def release(self, lease: Lease) -> None:
+        if lease.kept is None:
+            self._base_in_flight -= 1
+        else:
+            lease.kept.in_flight -= 1
+        async with self._idle:
+            self._idle.notify_all()
+        if lease.kept is not None and lease.kept.retiring and lease.kept.in_flight == 0:
+            await self._unload(lease.kept)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, target: str, pinned: tuple[str, int] | None = None):
+        held = await self.acquire(target, pinned)
+        try:
+            yield held
+        finally:
+            await self.release(held)
+
+    # ------------------------------------------------------------------ changes
+
+    def name_lock(self, name: str) -> asyncio.Lock:
+        return self._name_locks.setdefault(name, asyncio.Lock())
+
+    def next_version(self, name: str) -> int:
+        return self._newest.get(name, 0) + 1
+
+    def existing(self, name: str, version: int) -> Kept | None:
+        return self._kept.get((name, version))
+
+    def check_new_version(self, name: str, version: int, sha256: str) -> Kept | None:
+        """Returns the kept version for an identical re-push; refuses reuse of a version."""
+        kept = self._kept.get((name, version))
+        if kept is not None and not kept.retiring:
+            if kept.sha256 == sha256:
+                return kept
+            raise AlreadyExists(
+                f"adapter {name}@v{version} is already kept with different content; "
+                f"push a new version (next: {self.next_version(name)})"
+            )
+        newest = self._newest.get(name, 0)
+        if version <= newest:
+            raise FailedPrecondition(
+                f"adapter {name} has had version {newest}; versions must increase "
+                f"(next: {newest + 1})"
+            )
+        return None
+
+    async def install(self, staged: Path, meta: dict, activate: bool) -> tuple[Kept, float]:
+        """Moves a verified upload into place, loads it and (optionally) activates it.
+        Caller holds name_lock(meta["name"]). Returns the kept entry and seconds to servable."""
+        name, version = meta["name"], int(meta["version"])
+        self._make_room()
+        final = self.dir_for(name, version)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # a retired leftover of the same version number
+            shutil.rmtree(final)
+        (staged / META_FILE).write_text(json.dumps(meta, indent=1))
+        os.replace(staged, final)
+        kept = self._kept_from_meta(meta, final)
+        start = time.perf_counter()
+        if self.mode == "lora":
+            try:
+                await self.engine.add_adapter(kept.handle)
+            except Exception:
+                shutil.rmtree(final, ignore_errors=True)
+                raise
+        self._kept[kept.key] = kept
+        self._newest[name] = max(self._newest.get(name, 0), version)
+        if activate:
+            await self._switch(kept.key)
+        else:
+            self._save_state()
+        seconds = time.perf_counter() - start
+        await self._retire_old(name)
+        self._refresh_gauges()
+        return kept, seconds
+
+    async def set_active(self, key: tuple[str, int] | None) -> tuple:
+        """key None = base model. Returns (previous, now)."""
+        if key is not None:
+            if key[1] == 0:
+                versions = [v for (n, v), k in self._kept.items() if n == key[0] and not k.retiring]
+                if not versions:
+                    raise NotFound(f"no adapter named {key[0]!r} is kept by this replica")
+                key = (key[0], max(versions))
+            kept = self._kept.get(key)
+            if kept is None or kept.retiring:
+                raise NotFound(f"adapter {_fmt(key)} is not kept by this replica")
+        previous = self.active
+        await self._switch(key)
+        if previous is not None:
+            await self._retire_old(previous[0])
+        self._refresh_gauges()
+        return previous, self.active
+
+    async def _switch(self, key: tuple[str, int] | None) -> None:
+        async with self._switch_lock:
+            if key == self.active:
+                self._save_state()
+                return
+            if self.mode == "merged":
+                self._open.clear()
+                try:
+                    async with self._idle:
+                        await self._idle.wait_for(self._merged_idle)
+                    path = self._kept[key].handle.path if key else None
+                    await self.engine.load_merged(path)
+                    self.active = key
+                finally:
+                    self._open.set()
+            else:
+                self.active = key
+            self._save_state()
+            log.info("active adapter is now %s", _fmt(self.active))
+
+    def _merged_idle(self) -> bool:
+        return self._base_in_flight == 0 and all(k.in_flight == 0 for k in self._kept.values())
+
+    async def _retire_old(self, name: str) -> None:
+        """Keeps the newest keep_versions of a name (and the active one); retires the rest."""
+        versions = sorted((k for (n, _), k in self._kept.items() if n == name and not k.retiring),
+                          key=lambda k: k.handle.version, reverse=True)
+        for kept in versions[self.keep_versions:]:
+            if kept.key == self.active:
+                continue
+            kept.retiring = True
+            if kept.in_flight == 0:
+                await self._unload(kept)
+
+    async def _unload(self, kept: Kept) -> None:
+        if self._kept.get(kept.key) is not kept:
+            return
+        del self._kept[kept.key]
+        if self.mode == "lora":
+            try:
+                await self.engine.remove_adapter(kept.handle)
+            except Exception:  # noqa: BLE001 - a failed unload must not fail the request
+                log.exception("could not unload %s", kept.handle.engine_name)
+        shutil.rmtree(kept.handle.path, ignore_errors=True)
+        log.info("unloaded adapter %s", kept.handle.engine_name)
+        self._refresh_gauges()
+
+    def _make_room(self) -> None:
+        if self.mode != "lora":
+            return
+        if len(self._kept) >= self.max_loaded:
+            busy = sum(1 for k in self._kept.values() if k.retiring)
+            raise ResourceExhausted(
+                f"{len(self._kept)} adapter versions are loaded (limit max_loaded_adapters="
+                f"{self.max_loaded}, {busy} retiring but still in use); retry shortly, "
+                "or lower keep_versions"
+            )
+
+    # ------------------------------------------------------------------ views
+
+    def kept(self) -> list[Kept]:
+        return sorted((k for k in self._kept.values() if not k.retiring), key=lambda k: k.key)
+
+    def _refresh_gauges(self) -> None:
+        self.stats.loaded_adapters.set(len(self._kept))
+        names = {n for n, _ in self._kept} | set(self._newest)
+        for name in names:
+            version = self.active[1] if self.active and self.active[0] == name else 0
+            self.stats.active_version.labels(name).set(version)
+
+
+def _fmt(key: tuple[str, int] | None) -> str:
+    return "the base model" if key is None else f"{key[0]}@v{key[1]}"

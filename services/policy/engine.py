@@ -1,0 +1,99 @@
+"""The engine interface the policy servicer talks to, and the plain types it exchanges.
+
+The servicer never touches vLLM types: it hands an engine token ids, a `Sampling` and an optional
+`AdapterHandle`, and reads `EngineOutput`s back. `vllm_engine.py` implements this on AsyncLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Validated sampling parameters (see SamplingParams in policy.proto for meanings)."""
+
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class AdapterHandle:
+    """One loaded adapter version as the engine knows it."""
+
+    name: str
+    version: int
+    engine_id: int  # unique per load in this process; vLLM keys its caches by it and the name
+    path: Path
+
+    @property
+    def engine_name(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+
+@dataclass
+class CompletionDelta:
+    """New tokens of one completion (all of them when not streaming)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    stop_string: str = ""
+
+
+@dataclass
+class EngineOutput:
+    completions: list[CompletionDelta]
+    finished: bool
+
+
+class Engine(Protocol):
+    max_model_len: int
+    vocab_size: int
+    dtype: str
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        request_id: str,
+        adapter: AdapterHandle | None,
+        stream: bool,
+    ) -> AsyncIterator[EngineOutput]:
+        """Yields outputs until finished. Cancelling the iteration aborts the request."""
+        ...
+
+    async def add_adapter(self, handle: AdapterHandle) -> None: ...
+
+    async def remove_adapter(self, handle: AdapterHandle) -> None: ...
+
+    async def load_merged(self, weights_dir: Path | None) -> None:
+        """merged mode: replace the served weights in place (None = the base weights)."""
+        ...
+
+    def pending_requests(self) -> int: ...

@@ -1,0 +1,183 @@
+"""Receiving a pushed adapter: the header is checked before any byte is stored, the bytes are
+streamed to a staging folder under the data dir with a running hash and a size bound, and the
+result is checked against the base model (rank, target modules, tensor shapes) before the
+registry may load it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf.plumbing.errors import FailedPrecondition, InvalidArgument
+from rlhf.v1 import policy_pb2
+from services.policy.adapters import CONFIG_FILE, WEIGHTS_FILE, check_name
+
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BaseShapes:
+    """2-D weight shapes of the base model, read from its safetensors headers (no load)."""
+
+    shapes: dict[str, tuple[int, int]]  # module path -> (out_features, in_features)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path) -> BaseShapes:
+        from safetensors import safe_open
+
+        shapes: dict[str, tuple[int, int]] = {}
+        for file in sorted(Path(model_dir).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key.endswith(".weight"):
+                        shape = f.get_slice(key).get_shape()
+                        if len(shape) == 2:
+                            shapes[key[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
+        if not shapes:
+            raise FailedPrecondition(f"no safetensors weights found in {model_dir}")
+        return cls(shapes)
+
+    @property
+    def leaf_names(self) -> set[str]:
+        return {path.rsplit(".", 1)[-1] for path in self.shapes}
+
+
+@dataclass
+class Limits:
+    base_model_id: str
+    max_rank: int
+    max_bytes: int
+
+
+def check_header(header: policy_pb2.AdapterHeader, limits: Limits, shapes: BaseShapes) -> dict:
+    """Returns the parsed peft config; raises with the reason the push is refused."""
+    check_name(header.adapter.name)
+    if not SHA_RE.match(header.sha256):
+        raise InvalidArgument("header.sha256 must be 64 lower-case hex characters")
+    if header.size_bytes == 0:
+        raise InvalidArgument("header.size_bytes must be > 0")
+    if header.size_bytes > limits.max_bytes:
+        raise InvalidArgument(
+            f"adapter is {header.size_bytes} bytes; this replica accepts at most "
+            f"{limits.max_bytes} (max_adapter_bytes)"
+        )
+    if header.base_model_id != limits.base_model_id:
+        raise FailedPrecondition(
+            f"adapter was trained on base model {header.base_model_id!r}; this replica serves "
+            f"{limits.base_model_id!r}"
+        )
+    try:
+        peft = json.loads(header.peft_config_json)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"header.peft_config_json is not JSON: {exc}") from None
+    if not isinstance(peft, dict):
+        raise InvalidArgument("header.peft_config_json must be a JSON object")
+    if peft.get("peft_type", "LORA") != "LORA":
+        raise InvalidArgument(f"only LoRA adapters are served, not {peft.get('peft_type')!r}")
+    rank = peft.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise InvalidArgument("peft config 'r' must be a positive integer")
+    if rank > limits.max_rank:
+        raise InvalidArgument(f"LoRA rank {rank} exceeds this replica's max_lora_rank "
+                              f"{limits.max_rank}")
+    for unsupported in ("use_dora", "modules_to_save"):
+        if peft.get(unsupported):
+            raise InvalidArgument(f"peft option {unsupported!r} is not supported for serving")
+    targets = peft.get("target_modules")
+    leaves = shapes.leaf_names
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, path) for path in shapes.shapes):
+            raise InvalidArgument(f"target_modules pattern {targets!r} matches no base module")
+    elif isinstance(targets, list) and targets:
+        missing = [t for t in targets if t not in leaves]
+        if missing:
+            raise InvalidArgument(
+                f"target modules {missing} do not exist in the base model (it has "
+                f"{sorted(leaves)})"
+            )
+    else:
+        raise InvalidArgument("peft config 'target_modules' must be a list of module names")
+    return peft
+
+
+async def receive(first: policy_pb2.AdapterHeader, chunks, staging_root: Path) -> tuple[Path, int]:
+    """Streams data chunks into a new staging folder; returns (folder, bytes). The caller checks
+    the hash. On any error the folder is removed."""
+    folder = staging_root / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(folder / WEIGHTS_FILE, "wb") as out:
+            async for msg in chunks:
+                if msg.WhichOneof("part") != "data":
+                    raise InvalidArgument("only the first message may be a header; then data")
+                if len(msg.data) > MAX_CHUNK:
+                    raise InvalidArgument(f"a data chunk is larger than {MAX_CHUNK} bytes")
+                size += len(msg.data)
+                if size > first.size_bytes:
+                    raise InvalidArgument(
+                        f"received more than the {first.size_bytes} bytes the header announced"
+                    )
+                digest.update(msg.data)
+                out.write(msg.data)
+        if size < first.size_bytes:
+            raise InvalidArgument(
+                f"stream ended after {size} of {first.size_bytes} bytes (truncated upload)"
+            )
+        if digest.hexdigest() != first.sha256:
+            raise InvalidArgument(
+                f"sha256 mismatch: header says {first.sha256}, data hashes to {digest.hexdigest()}"
+            )
+        (folder / CONFIG_FILE).write_text(first.peft_config_json)
+        return folder, size
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def check_weights(folder: Path, shapes: BaseShapes, max_rank: int) -> None:
+    """Every LoRA tensor must fit a base module: A is (r, in), B is (out, r)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
+            keys = list(f.keys())
+            tensor_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InvalidArgument(f"adapter weights are not a valid safetensors file: {exc}") from None
+    if not keys:
+        raise InvalidArgument("adapter weights file holds no tensors")
+    for key, shape in tensor_shapes.items():
+        m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        if m is None:
+            raise InvalidArgument(f"adapter tensor {key!r} is not a LoRA A/B weight")
+        module, which = m.group(1), m.group(2)
+        base = shapes.shapes.get(module)
+        if base is None:
+            raise InvalidArgument(f"adapter tensor {key!r} names module {module!r}, which the "
+                                  "base model does not have (wrong base model?)")
+        out_features, in_features = base
+        if len(shape) != 2:
+            raise InvalidArgument(f"adapter tensor {key!r} has shape {shape}; expected 2-D")
+        if which == "A" and shape[1] != in_features:
+            raise InvalidArgument(f"adapter tensor {key!r} has shape {shape}; the base module "
+                                  f"takes {in_features} inputs")
+        if which == "A" and shape[0] > max_rank:
+            raise InvalidArgument(f"adapter tensor {key!r} has rank {shape[0]}; this replica "
+                                  f"accepts at most {max_rank}")
+        if which == "B" and shape[0] != out_features:
+            raise InvalidArgument(f"adapter tensor {key!r} has shape {shape}; the base module "
+                                  f"has {out_features} outputs")
+    for key, shape in tensor_shapes.items():
+        if ".lora_A" in key:
+            partner = key.replace(".lora_A", ".lora_B")
+            if partner not in tensor_shapes or tensor_shapes[partner][1] != shape[0]:
+                raise InvalidArgument(f"adapter tensor {key!r} has no matching lora_B of rank "
+                                      f"{shape[0]}")

@@ -1,0 +1,192 @@
+"""The Engine on vLLM's AsyncLLM, in the same process as the gRPC server (DESIGN.md decision 1)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from rlhf.plumbing.errors import InvalidArgument, Unavailable
+from services.policy.config import PolicyConfig
+from services.policy.engine import AdapterHandle, CompletionDelta, EngineOutput, Sampling
+from services.policy.stats import EngineStats
+
+log = logging.getLogger("rlhf.policy.engine")
+
+
+def _engine_env(config: PolicyConfig) -> None:
+    """vLLM reads these at import; only fill what the operator left unset."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, config: PolicyConfig, stats: EngineStats):
+        self.config = config
+        self.stats = stats
+        self.llm = None
+        self.max_model_len = config.max_model_len
+        self.vocab_size = 0
+        self.dtype = config.dtype
+        self._merged_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        _engine_env(self.config)
+        import vllm
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from services.policy.stats import make_stat_logger_factory
+
+        cfg = self.config
+        lora = cfg.adapter_mode == "lora"
+        args = AsyncEngineArgs(
+            model=str(cfg.resolved_model()),
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            enforce_eager=cfg.enforce_eager,
+            seed=cfg.seed,
+            kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
+            # Logprobs of the sampled tokens before temperature/top-k/top-p, as the trainer
+            # recomputes them (DESIGN.md decision 5).
+            logprobs_mode="raw_logprobs",
+            max_logprobs=20,
+            enable_lora=lora,
+            max_lora_rank=cfg.max_lora_rank if lora else 16,
+            # One slot more than can ever be live: vLLM on CPU gives base requests the last
+            # slot's adapter when a batch holds as many distinct adapters as max_loras.
+            max_loras=cfg.max_loaded_adapters + 1 if lora else 1,
+            max_cpu_loras=cfg.max_loaded_adapters + 1 if lora else None,
+            disable_log_stats=False,
+        )
+        self.llm = AsyncLLM.from_engine_args(
+            args, stat_loggers=[make_stat_logger_factory(self.stats)]
+        )
+        self.vocab_size = self.llm.model_config.get_vocab_size()
+        self.max_model_len = self.llm.model_config.max_model_len
+        self.version = vllm.__version__
+        log.info("vLLM %s engine up: %s (%s, context %d)", self.version,
+                 cfg.resolved_model(), cfg.dtype, self.max_model_len)
+
+    async def stop(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+    def pending_requests(self) -> int:
+        return self.llm.get_num_unfinished_requests() if self.llm is not None else 0
+
+    def _params(self, s: Sampling, stream: bool):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=s.n,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else -1,
+            min_p=s.min_p,
+            stop=list(s.stop) or None,
+            stop_token_ids=list(s.stop_token_ids) or None,
+            seed=s.seed,
+            # The sampled token's logprob always comes back with k alternatives; 0 = only it.
+            logprobs=s.top_logprobs if (s.logprobs or s.top_logprobs) else None,
+            min_tokens=s.min_tokens,
+            repetition_penalty=s.repetition_penalty,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            ignore_eos=s.ignore_eos,
+            skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        request_id: str,
+        adapter: AdapterHandle | None,
+        stream: bool,
+    ) -> AsyncIterator[EngineOutput]:
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self.llm is None:
+            raise Unavailable("the engine is not running")
+        lora = None
+        if adapter is not None:
+            lora = LoRARequest(adapter.engine_name, adapter.engine_id, str(adapter.path))
+        want_lp = sampling.logprobs or sampling.top_logprobs > 0
+        try:
+            async for out in self.llm.generate(
+                {"prompt_token_ids": prompt_ids}, self._params(sampling, stream), request_id,
+                lora_request=lora,
+            ):
+                yield EngineOutput(
+                    completions=[_delta(c, want_lp, sampling) for c in out.outputs],
+                    finished=out.finished,
+                )
+        except EngineDeadError as exc:
+            raise Unavailable(f"the generation engine died: {exc}") from exc
+        except ValueError as exc:  # vLLM's own request validation
+            raise InvalidArgument(str(exc)) from exc
+
+    async def add_adapter(self, handle: AdapterHandle) -> None:
+        from vllm.lora.request import LoRARequest
+
+        ok = await self.llm.add_lora(
+            LoRARequest(handle.engine_name, handle.engine_id, str(handle.path))
+        )
+        if not ok:
+            raise InvalidArgument(f"vLLM refused adapter {handle.engine_name}")
+
+    async def remove_adapter(self, handle: AdapterHandle) -> None:
+        await self.llm.remove_lora(handle.engine_id)
+
+    async def load_merged(self, weights_dir: Path | None) -> None:
+        from services.policy.merge import reload_merged
+
+        async with self._merged_lock:
+            # "wait": requests already in the engine finish on the old weights; none is aborted.
+            await self.llm.pause_generation(mode="wait")
+            try:
+                base = str(self.config.resolved_model())
+                adapter = str(weights_dir) if weights_dir is not None else None
+                await self.llm.collective_rpc(reload_merged, kwargs={"base_dir": base,
+                                                                      "adapter_dir": adapter})
+                await self.llm.reset_prefix_cache()
+            finally:
+                await self.llm.resume_generation()
+
+
+def _delta(c, want_lp: bool, sampling: Sampling) -> CompletionDelta:
+    token_ids = list(c.token_ids)
+    logprobs: list[float] = []
+    top: list[list[tuple[int, float]]] = []
+    if want_lp and c.logprobs:
+        for tok, step in zip(token_ids, c.logprobs, strict=False):
+            logprobs.append(float(step[tok].logprob))
+            if sampling.top_logprobs:
+                ranked = sorted(
+                    ((tid, lp) for tid, lp in step.items() if lp.rank is not None
+                     and lp.rank <= sampling.top_logprobs),
+                    key=lambda item: item[1].rank,
+                )
+                top.append([(tid, float(lp.logprob)) for tid, lp in ranked])
+    stop_string = c.stop_reason if isinstance(c.stop_reason, str) else ""
+    return CompletionDelta(
+        index=c.index,
+        text=c.text,
+        token_ids=token_ids,
+        logprobs=logprobs if sampling.logprobs else [],
+        top_logprobs=top,
+        finish_reason=c.finish_reason,
+        stop_string=stop_string,
+    )
