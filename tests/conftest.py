@@ -21,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from tests.fixtures_models import *  # noqa: E402,F401,F403
+from tests.fixtures_policy import *  # noqa: E402,F401,F403
 
 
 def free_port() -> int:
