@@ -252,7 +252,7 @@ class AdapterRegistry:
         """Moves a verified upload into place, loads it and (optionally) activates it.
         Caller holds name_lock(meta["name"]). Returns the kept entry and seconds to servable."""
         name, version = meta["name"], int(meta["version"])
-        self._make_room()
+        await self._make_room()
         final = self.dir_for(name, version)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # a retired leftover of the same version number
@@ -343,16 +343,26 @@ class AdapterRegistry:
         log.info("unloaded adapter %s", kept.handle.engine_name)
         self._refresh_gauges()
 
-    def _make_room(self) -> None:
+    async def _make_room(self) -> None:
+        """Before loading one more version: past max_loaded, unload the least recently loaded
+        idle version that is not active (whatever its name); refuse only when every loaded
+        version is active or still running requests."""
         if self.mode != "lora":
             return
-        if len(self._kept) >= self.max_loaded:
-            busy = sum(1 for k in self._kept.values() if k.retiring)
-            raise ResourceExhausted(
-                f"{len(self._kept)} adapter versions are loaded (limit max_loaded_adapters="
-                f"{self.max_loaded}, {busy} retiring but still in use); retry shortly, "
-                "or lower keep_versions"
+        while len(self._kept) >= self.max_loaded:
+            idle = sorted(
+                (k for k in self._kept.values() if k.key != self.active and k.in_flight == 0),
+                key=lambda k: k.loaded_at,
             )
+            if not idle:
+                busy = sum(1 for k in self._kept.values() if k.in_flight)
+                raise ResourceExhausted(
+                    f"{len(self._kept)} adapter versions are loaded (limit max_loaded_adapters="
+                    f"{self.max_loaded}) and {busy} of them are serving requests; retry shortly"
+                )
+            log.info("unloading %s to make room (max_loaded_adapters=%d)",
+                     idle[0].handle.engine_name, self.max_loaded)
+            await self._unload(idle[0])
 
     # ------------------------------------------------------------------ views
 

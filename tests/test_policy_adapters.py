@@ -1,0 +1,324 @@
+"""LoRA adapters on a real policy server (lora mode): push, equivalence with HF+peft, mixed
+batches, rollback, kept versions, the admin token, every bad push, hot swap under load."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rlhf.adapter_push import push_adapter, push_requests
+from rlhf.v1 import policy_pb2
+from tests.policy_helpers import (
+    ADMIN,
+    AUTH,
+    base,
+    greedy,
+    hf_greedy,
+    ids_prompt,
+    pinned,
+    stub,
+    version_of,
+)
+
+pytestmark = pytest.mark.vllm
+
+PROMPT = [20, 21, 22, 23, 24]
+N_TOKENS = 10
+
+
+@pytest.fixture
+def policy(policy_lora):
+    return policy_lora
+
+
+async def _gen(policy, selector=None, prompt=PROMPT, n_tokens=N_TOKENS):
+    req = policy_pb2.GenerateRequest(prompts=[ids_prompt(prompt)], params=greedy(n_tokens))
+    if selector is not None:
+        req.adapter.CopyFrom(selector)
+    resp = await stub(policy.channel).Generate(req, timeout=60)
+    result = resp.results[0]
+    return list(result.completions[0].token_ids), version_of(result.served_by)
+
+
+async def _push(policy, folder, name, version, **kw):
+    return await push_adapter(policy.channel, folder, name, version, "tiny", token=ADMIN, **kw)
+
+
+async def _set_active(policy, name=None, version=0):
+    req = policy_pb2.SetActiveAdapterRequest(
+        base=name is None, adapter=policy_pb2.AdapterRef(name=name or "", version=version))
+    return await stub(policy.channel).SetActiveAdapter(req, metadata=AUTH, timeout=30)
+
+
+async def test_push_then_outputs_equal_hf_peft_and_base_equals_hf(policy, tiny_adapters):
+    resp = await _push(policy, tiny_adapters[0], "eq", 1)
+    assert resp.activated
+    assert resp.adapter.adapter.name == "eq" and resp.adapter.adapter.version == 1
+    assert resp.adapter.rank == 8 and resp.adapter.active
+    data = (tiny_adapters[0] / "adapter_model.safetensors").read_bytes()
+    assert resp.adapter.sha256 == hashlib.sha256(data).hexdigest()
+    assert resp.load_seconds > 0
+
+    tokens, served = await _gen(policy)
+    assert served == ("eq", 1)
+    assert tokens == hf_greedy(policy.model_dir, tiny_adapters[0], PROMPT, N_TOKENS)
+    base_tokens, served = await _gen(policy, base())
+    assert served is None
+    assert base_tokens == hf_greedy(policy.model_dir, None, PROMPT, N_TOKENS)
+    assert tokens != base_tokens  # the adapter really changes the model
+
+
+async def test_mixed_batch_gives_each_request_its_own_weights(policy, tiny_adapters):
+    await _push(policy, tiny_adapters[1], "mix", 1)
+    await _push(policy, tiny_adapters[2], "mix", 2)
+    want = {
+        None: hf_greedy(policy.model_dir, None, PROMPT, N_TOKENS),
+        ("mix", 1): hf_greedy(policy.model_dir, tiny_adapters[1], PROMPT, N_TOKENS),
+        ("mix", 2): hf_greedy(policy.model_dir, tiny_adapters[2], PROMPT, N_TOKENS),
+        ("eq", 1): hf_greedy(policy.model_dir, tiny_adapters[0], PROMPT, N_TOKENS),
+    }
+    assert len({tuple(v) for v in want.values()}) == 4
+    selectors = [base(), None, pinned("mix", 1), pinned("eq", 1)] * 3
+    results = await asyncio.gather(*(_gen(policy, sel) for sel in selectors))
+    for tokens, served in results:
+        assert tokens == want[served], served
+    assert {served for _, served in results} == set(want)
+
+
+async def test_rollback_and_list(policy, tiny_adapters):
+    await _push(policy, tiny_adapters[0], "rb", 1)
+    await _push(policy, tiny_adapters[1], "rb", 2)
+    listed = await stub(policy.channel).ListAdapters(policy_pb2.ListAdaptersRequest(name="rb"))
+    assert [(a.adapter.version, a.active) for a in listed.adapters] == [(1, False), (2, True)]
+
+    switched = await _set_active(policy, "rb", 1)
+    assert version_of(switched.previous) == ("rb", 2)
+    assert version_of(switched.active) == ("rb", 1)
+    tokens, served = await _gen(policy)
+    assert served == ("rb", 1)
+    assert tokens == hf_greedy(policy.model_dir, tiny_adapters[0], PROMPT, N_TOKENS)
+
+    await _set_active(policy, None)
+    tokens, served = await _gen(policy)
+    assert served is None and tokens == hf_greedy(policy.model_dir, None, PROMPT, N_TOKENS)
+
+    switched = await _set_active(policy, "rb", 0)  # 0 = newest kept
+    assert version_of(switched.active) == ("rb", 2)
+    info = await stub(policy.channel).GetInfo(policy_pb2.PolicyServiceGetInfoRequest())
+    assert version_of(info.active) == ("rb", 2)
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _set_active(policy, "rb", 9)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_only_the_last_versions_are_kept(policy, tiny_adapters):
+    for version in range(1, 6):
+        await _push(policy, tiny_adapters[version % 4], "keep", version)
+    listed = await stub(policy.channel).ListAdapters(policy_pb2.ListAdaptersRequest(name="keep"))
+    assert [a.adapter.version for a in listed.adapters] == [3, 4, 5]  # keep_versions=3
+    assert not (policy.data_dir / "policy" / "adapters" / "keep" / "v1").exists()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _gen(policy, pinned("keep", 1))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "kept versions: [3, 4, 5]" in err.value.details()
+    tokens, served = await _gen(policy, pinned("keep", 3))
+    assert served == ("keep", 3)
+    assert tokens == hf_greedy(policy.model_dir, tiny_adapters[3], PROMPT, N_TOKENS)
+
+    # Re-pushing the same bytes under a kept version is idempotent...
+    again = await _push(policy, tiny_adapters[1], "keep", 5)
+    assert again.adapter.adapter.version == 5
+    # ...other bytes under a kept version, or an old version number, are refused.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _push(policy, tiny_adapters[0], "keep", 5)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _push(policy, tiny_adapters[0], "keep", 2)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "next: 6" in err.value.details()
+    # Version 0 means "next".
+    nxt = await _push(policy, tiny_adapters[0], "keep", 0)
+    assert nxt.adapter.adapter.version == 6
+
+
+async def test_admin_token_guards_model_changes(policy, tiny_adapters):
+    s = stub(policy.channel)
+    for metadata, code in (
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", "Bearer wrong"),), grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.PushAdapter(push_requests(tiny_adapters[0], "auth", 1, "tiny"),
+                                metadata=metadata, timeout=30)
+        assert err.value.code() == code
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.SetActiveAdapter(policy_pb2.SetActiveAdapterRequest(base=True),
+                                     metadata=metadata, timeout=30)
+        assert err.value.code() == code
+    listed = await s.ListAdapters(policy_pb2.ListAdaptersRequest(name="auth"))
+    assert not listed.adapters
+    # The x-admin-token form works too.
+    resp = await s.PushAdapter(push_requests(tiny_adapters[0], "auth", 1, "tiny"),
+                               metadata=(("x-admin-token", ADMIN),), timeout=30)
+    assert resp.adapter.adapter.name == "auth"
+
+
+def _header_and_data(folder: Path, **overrides):
+    msgs = list(push_requests(folder, overrides.pop("name", "bad"), 1, "tiny", chunk_bytes=4096))
+    header = msgs[0].header
+    for key, value in overrides.items():
+        setattr(header, key, value)
+    return msgs
+
+
+def _bad_tensors(tmp: Path, folder: Path) -> Path:
+    out = tmp / "shapes"
+    out.mkdir()
+    (out / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    save_file({
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 100),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(256, 8),
+    }, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def _with_config(tmp: Path, folder: Path, **changes) -> Path:
+    out = tmp / ("cfg-" + "-".join(changes))
+    out.mkdir()
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    (out / "adapter_model.safetensors").write_bytes(
+        (folder / "adapter_model.safetensors").read_bytes())
+    return out
+
+
+def _bad_pushes(folder: Path, tmp: Path):
+    good = _header_and_data(folder)
+    data = b"".join(m.data for m in good[1:])
+    truncated = good[:-1]
+    return {
+        "hash mismatch": (_header_and_data(folder, sha256="0" * 64),
+                          grpc.StatusCode.INVALID_ARGUMENT, "sha256 mismatch"),
+        "truncated stream": (truncated, grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
+        "more bytes than announced": (
+            good + [policy_pb2.PushAdapterRequest(data=b"x")],
+            grpc.StatusCode.INVALID_ARGUMENT, "more than the"),
+        "wrong base": (_header_and_data(folder, base_model_id="llama-70b"),
+                       grpc.StatusCode.FAILED_PRECONDITION, "trained on base model 'llama-70b'"),
+        "too large": (_header_and_data(folder, size_bytes=10**12),
+                      grpc.StatusCode.INVALID_ARGUMENT, "at most"),
+        "wrong shapes": (_header_and_data(_bad_tensors(tmp, folder)),
+                         grpc.StatusCode.INVALID_ARGUMENT, "takes 256 inputs"),
+        "rank too big": (_header_and_data(_with_config(tmp, folder, r=32)),
+                         grpc.StatusCode.INVALID_ARGUMENT, "exceeds this replica's max_lora_rank"),
+        "unknown module": (
+            _header_and_data(_with_config(tmp, folder, target_modules=["q_proj", "wizard"])),
+            grpc.StatusCode.INVALID_ARGUMENT, "['wizard'] do not exist"),
+        "not safetensors": (
+            [policy_pb2.PushAdapterRequest(header=policy_pb2.AdapterHeader(
+                adapter=policy_pb2.AdapterRef(name="bad", version=1),
+                sha256=hashlib.sha256(b"junk" * 100).hexdigest(), size_bytes=400,
+                base_model_id="tiny", peft_config_json=good[0].header.peft_config_json)),
+             policy_pb2.PushAdapterRequest(data=b"junk" * 100)],
+            grpc.StatusCode.INVALID_ARGUMENT, "not a valid safetensors"),
+        "path traversal name": (_header_and_data(folder, name="../../escape"),
+                                grpc.StatusCode.INVALID_ARGUMENT, "is invalid"),
+        "dot name": (_header_and_data(folder, name=".hidden"),
+                     grpc.StatusCode.INVALID_ARGUMENT, "is invalid"),
+        "empty stream": ([], grpc.StatusCode.INVALID_ARGUMENT, "send the header first"),
+        "data first": ([policy_pb2.PushAdapterRequest(data=data[:10])],
+                       grpc.StatusCode.INVALID_ARGUMENT, "must be the header"),
+        "two headers": ([good[0], good[0]], grpc.StatusCode.INVALID_ARGUMENT,
+                        "only the first message"),
+        "bad peft json": (_header_and_data(folder, peft_config_json="{nope"),
+                          grpc.StatusCode.INVALID_ARGUMENT, "not JSON"),
+        "bad sha format": (_header_and_data(folder, sha256="xyz"),
+                           grpc.StatusCode.INVALID_ARGUMENT, "64 lower-case hex"),
+    }
+
+
+BAD_PUSHES = [
+    "hash mismatch", "truncated stream", "more bytes than announced", "wrong base", "too large",
+    "wrong shapes", "rank too big", "unknown module", "not safetensors", "path traversal name",
+    "dot name", "empty stream", "data first", "two headers", "bad peft json", "bad sha format",
+]
+
+
+@pytest.mark.parametrize("case", BAD_PUSHES)
+async def test_bad_push_is_refused_and_the_active_version_keeps_serving(
+    policy, tiny_adapters, tmp_path, case
+):
+    await _push(policy, tiny_adapters[3], "steady", 0)
+    before = await _gen(policy)
+    messages, code, text = _bad_pushes(tiny_adapters[0], tmp_path)[case]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub(policy.channel).PushAdapter(iter(messages), metadata=AUTH, timeout=30)
+    assert err.value.code() == code, err.value.details()
+    assert text in err.value.details()
+    assert await _gen(policy) == before  # same version, same output
+    root = policy.data_dir / "policy" / "adapters"
+    assert not (root / "bad").exists()
+    assert list((root / ".incoming").iterdir()) == []
+    assert not (policy.data_dir.parent / "escape").exists()
+
+
+async def test_hot_swap_under_load(policy, tiny_adapters):
+    """Clients keep sending while 12 versions are pushed: no call fails, and every response
+    names a version that was active at some point during the call, with that version's output."""
+    await _set_active(policy, None)
+    contents = {v: tiny_adapters[v % 4] for v in range(1, 13)}
+    refs = {None: hf_greedy(policy.model_dir, None, PROMPT, 6)}
+    for i, folder in enumerate(tiny_adapters):
+        refs[i] = hf_greedy(policy.model_dir, folder, PROMPT, 6)
+    pushes: dict[int, tuple[float, float]] = {}
+    calls: list[tuple[float, float, object, list[int]]] = []
+    failures: list[Exception] = []
+    done = asyncio.Event()
+
+    async def client():
+        while not done.is_set():
+            start = time.monotonic()
+            try:
+                tokens, served = await _gen(policy, None, n_tokens=6)
+            except grpc.aio.AioRpcError as exc:
+                failures.append(exc)
+                continue
+            calls.append((start, time.monotonic(), served, tokens))
+
+    clients = [asyncio.create_task(client()) for _ in range(4)]
+    await asyncio.sleep(0.3)
+    for version in range(1, 13):
+        start = time.monotonic()
+        await _push(policy, contents[version], "swap", version)
+        pushes[version] = (start, time.monotonic())
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    done.set()
+    await asyncio.gather(*clients)
+
+    assert failures == []
+    assert len(calls) > 20
+    seen = set()
+    for start, end, served, tokens in calls:
+        if served is None:
+            assert start <= pushes[1][1], "base served after v1 was active"
+            assert tokens == refs[None]
+            continue
+        name, version = served
+        assert name == "swap"
+        assert pushes[version][0] <= end, f"v{version} served before its push began"
+        if version + 1 in pushes:
+            assert pushes[version + 1][1] >= start, f"v{version} served after v{version + 1}"
+        assert tokens == refs[version % 4], f"v{version} answered with other weights"
+        seen.add(version)
+    assert len(seen) >= 6  # the load really overlapped the swaps
