@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import time
 from pathlib import Path
 
 import torch
 
+import grpc
+
+from rlhf.adapter_push import push_adapter
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
 ADMIN = "test-admin-token"
@@ -87,3 +92,70 @@ def stub(channel) -> policy_pb2_grpc.PolicyServiceStub:
 
 def version_of(served: policy_pb2.ServedBy):
     return None if served.base else (served.adapter.name, served.adapter.version)
+
+
+SWAP_PROMPT = [20, 21, 22, 23, 24]
+
+
+async def generate_greedy(policy, n_tokens: int, selector=None, prompt=SWAP_PROMPT):
+    req = policy_pb2.GenerateRequest(prompts=[ids_prompt(prompt)], params=greedy(n_tokens))
+    if selector is not None:
+        req.adapter.CopyFrom(selector)
+    resp = await stub(policy.channel).Generate(req, timeout=60)
+    result = resp.results[0]
+    return list(result.completions[0].token_ids), version_of(result.served_by)
+
+
+async def run_hot_swap(policy, adapters, name: str, versions: int = 12, clients: int = 4):
+    """Clients keep sending while `versions` adapter versions are pushed and activated. Asserts:
+    no call fails; every response names a version active at some point during the call (push
+    of v began before the call ended, push of v+1 ended after it began); and the tokens are that
+    version's (HF+peft reference), so the label matches the weights."""
+    n_tokens = 6
+    contents = {v: adapters[v % len(adapters)] for v in range(1, versions + 1)}
+    refs = {None: hf_greedy(policy.model_dir, None, SWAP_PROMPT, n_tokens)}
+    for i, folder in enumerate(adapters):
+        refs[i] = hf_greedy(policy.model_dir, folder, SWAP_PROMPT, n_tokens)
+    pushes: dict[int, tuple[float, float]] = {}
+    calls: list = []
+    failures: list = []
+    done = asyncio.Event()
+
+    async def client():
+        while not done.is_set():
+            start = time.monotonic()
+            try:
+                tokens, served = await generate_greedy(policy, n_tokens)
+            except grpc.aio.AioRpcError as exc:
+                failures.append(exc)
+                continue
+            calls.append((start, time.monotonic(), served, tokens))
+
+    tasks = [asyncio.create_task(client()) for _ in range(clients)]
+    await asyncio.sleep(0.3)
+    for version in range(1, versions + 1):
+        start = time.monotonic()
+        await push_adapter(policy.channel, contents[version], name, version, "tiny", token=ADMIN)
+        pushes[version] = (start, time.monotonic())
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    done.set()
+    await asyncio.gather(*tasks)
+
+    assert failures == [], failures[:3]
+    assert len(calls) > 20
+    seen = set()
+    for start, end, served, tokens in calls:
+        if served is None:
+            assert start <= pushes[1][1], "base served after v1 was active"
+            assert tokens == refs[None]
+            continue
+        served_name, version = served
+        assert served_name == name
+        assert pushes[version][0] <= end, f"v{version} served before its push began"
+        if version + 1 in pushes:
+            assert pushes[version + 1][1] >= start, f"v{version} served after v{version + 1}"
+        assert tokens == refs[version % len(adapters)], f"v{version} answered with other weights"
+        seen.add(version)
+    assert len(seen) >= versions // 2  # the load really overlapped the swaps
+    return calls

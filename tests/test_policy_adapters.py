@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from rlhf.adapter_push import push_adapter, push_requests
 from rlhf.v1 import policy_pb2
 from tests.policy_helpers import (
+    run_hot_swap,
     ADMIN,
     AUTH,
     base,
@@ -276,49 +277,4 @@ async def test_hot_swap_under_load(policy, tiny_adapters):
     """Clients keep sending while 12 versions are pushed: no call fails, and every response
     names a version that was active at some point during the call, with that version's output."""
     await _set_active(policy, None)
-    contents = {v: tiny_adapters[v % 4] for v in range(1, 13)}
-    refs = {None: hf_greedy(policy.model_dir, None, PROMPT, 6)}
-    for i, folder in enumerate(tiny_adapters):
-        refs[i] = hf_greedy(policy.model_dir, folder, PROMPT, 6)
-    pushes: dict[int, tuple[float, float]] = {}
-    calls: list[tuple[float, float, object, list[int]]] = []
-    failures: list[Exception] = []
-    done = asyncio.Event()
-
-    async def client():
-        while not done.is_set():
-            start = time.monotonic()
-            try:
-                tokens, served = await _gen(policy, None, n_tokens=6)
-            except grpc.aio.AioRpcError as exc:
-                failures.append(exc)
-                continue
-            calls.append((start, time.monotonic(), served, tokens))
-
-    clients = [asyncio.create_task(client()) for _ in range(4)]
-    await asyncio.sleep(0.3)
-    for version in range(1, 13):
-        start = time.monotonic()
-        await _push(policy, contents[version], "swap", version)
-        pushes[version] = (start, time.monotonic())
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)
-    done.set()
-    await asyncio.gather(*clients)
-
-    assert failures == []
-    assert len(calls) > 20
-    seen = set()
-    for start, end, served, tokens in calls:
-        if served is None:
-            assert start <= pushes[1][1], "base served after v1 was active"
-            assert tokens == refs[None]
-            continue
-        name, version = served
-        assert name == "swap"
-        assert pushes[version][0] <= end, f"v{version} served before its push began"
-        if version + 1 in pushes:
-            assert pushes[version + 1][1] >= start, f"v{version} served after v{version + 1}"
-        assert tokens == refs[version % 4], f"v{version} answered with other weights"
-        seen.add(version)
-    assert len(seen) >= 6  # the load really overlapped the swaps
+    await run_hot_swap(policy, tiny_adapters, "swap")

@@ -38,27 +38,32 @@ def lora_deltas(adapter_dir: Path) -> dict[str, "object"]:
 
 def reload_merged(worker, base_dir: str, adapter_dir: str | None) -> list[str]:
     """Worker-side: merge adapter_dir into the base weights of the served model (None = base).
-    Returns the module paths rewritten."""
+    Returns the weight names reloaded."""
     from safetensors import safe_open
 
     inner = getattr(worker, "worker", worker)
-    model = inner.model_runner.get_model()
+    runner = inner.model_runner
     deltas = lora_deltas(Path(adapter_dir)) if adapter_dir else {}
     previous: set[str] = getattr(inner, "_rlhf_merged_modules", set())
     touched = set(deltas) | previous
+    # vLLM fuses sibling projections (q/k/v -> qkv_proj, gate/up -> gate_up_proj) and processes
+    # a fused layer only once all its shards arrive, so every weight of a touched block is
+    # reloaded: untouched ones with their base values.
+    blocks = {module.rsplit(".", 1)[0] for module in touched}
     weights = []
     for file in sorted(Path(base_dir).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            for module in touched:
-                key = module + ".weight"
-                if key in f.keys():
-                    base = f.get_tensor(key)
-                    delta = deltas.get(module)
-                    w = base if delta is None else (base.float() + delta).to(base.dtype)
-                    weights.append((key, w))
-    missing = touched - {k[: -len(".weight")] for k, _ in weights}
-    if missing:
-        raise ValueError(f"base model has no weights for {sorted(missing)}")
-    model.load_weights(iter(weights))
+            for key in f.keys():
+                module = key[: -len(".weight")] if key.endswith(".weight") else None
+                if module is None or module.rsplit(".", 1)[0] not in blocks:
+                    continue
+                base = f.get_tensor(key)
+                delta = deltas.get(module)
+                weights.append((key, base if delta is None
+                                else (base.float() + delta).to(base.dtype)))
+    found = {k[: -len(".weight")] for k, _ in weights}
+    if touched - found:
+        raise ValueError(f"base model has no weights for {sorted(touched - found)}")
+    runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
     inner._rlhf_merged_modules = set(deltas)
-    return sorted(touched)
+    return sorted(k for k, _ in weights)

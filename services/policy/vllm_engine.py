@@ -151,6 +151,8 @@ class VllmEngine:
         await self.llm.remove_lora(handle.engine_id)
 
     async def load_merged(self, weights_dir: Path | None) -> None:
+        import cloudpickle
+
         from services.policy.merge import reload_merged
 
         async with self._merged_lock:
@@ -159,8 +161,13 @@ class VllmEngine:
             try:
                 base = str(self.config.resolved_model())
                 adapter = str(weights_dir) if weights_dir is not None else None
-                await self.llm.collective_rpc(reload_merged, kwargs={"base_dir": base,
-                                                                      "adapter_dir": adapter})
+                # The engine core runs in its own process and its RPC encoder takes no
+                # functions; vLLM accepts a cloudpickled callable (by reference: the core
+                # imports services.policy.merge). Only paths go across, never tensors.
+                await self.llm.collective_rpc(
+                    cloudpickle.dumps(reload_merged),
+                    kwargs={"base_dir": base, "adapter_dir": adapter},
+                )
                 await self.llm.reset_prefix_cache()
             finally:
                 await self.llm.resume_generation()
