@@ -17,6 +17,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_RPC_BASE_PATH", os.path.join(_TMP, "vllm-rpc"))
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(_TMP, "vllm-cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _var in ("VLLM_RPC_BASE_PATH", "VLLM_CACHE_ROOT"):
+    os.makedirs(os.environ[_var], exist_ok=True)
 
 import pytest  # noqa: E402
 
