@@ -7,9 +7,8 @@ import functools
 import time
 from pathlib import Path
 
-import torch
-
 import grpc
+import torch
 
 from rlhf.adapter_push import push_adapter
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
@@ -45,7 +44,8 @@ def _hf_model(model_dir: str, adapter_dir: str | None):
     return model
 
 
-def hf_greedy(model_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], n: int) -> list[int]:
+def hf_greedy(model_dir: Path, adapter_dir: Path | None, prompt_ids: list[int],
+              n: int) -> list[int]:
     model = _hf_model(str(model_dir), str(adapter_dir) if adapter_dir else None)
     ids = list(prompt_ids)
     with torch.no_grad():

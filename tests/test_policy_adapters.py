@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,6 @@ from safetensors.torch import save_file
 from rlhf.adapter_push import push_adapter, push_requests
 from rlhf.v1 import policy_pb2
 from tests.policy_helpers import (
-    run_hot_swap,
     ADMIN,
     AUTH,
     base,
@@ -25,6 +23,7 @@ from tests.policy_helpers import (
     hf_greedy,
     ids_prompt,
     pinned,
+    run_hot_swap,
     stub,
     version_of,
 )

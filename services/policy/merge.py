@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 
-def lora_deltas(adapter_dir: Path) -> dict[str, "object"]:
+def lora_deltas(adapter_dir: Path) -> dict[str, object]:
     """Module path -> delta weight (out, in) as float32 tensors."""
     import torch
     from safetensors.torch import load_file

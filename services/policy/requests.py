@@ -43,7 +43,9 @@ def sampling_from_proto(p: policy_pb2.SamplingParams, limits: Limits) -> Samplin
     if not (0 <= p.min_p <= 1):
         raise InvalidArgument("params.min_p must be in [0, 1]")
     if len(p.stop) > MAX_STOP_STRINGS:
-        raise InvalidArgument(f"params.stop holds {len(p.stop)} strings; at most {MAX_STOP_STRINGS}")
+        raise InvalidArgument(
+            f"params.stop holds {len(p.stop)} strings; at most {MAX_STOP_STRINGS}"
+        )
     for i, s in enumerate(p.stop):
         if not s:
             raise InvalidArgument(f"params.stop[{i}] is empty")
@@ -156,5 +158,7 @@ def chat_token_ids(chat: common_pb2.ChatConversation, tokenizer, where: str) -> 
             continue_final_message=chat.continue_final_message,
         )
     except Exception as exc:  # noqa: BLE001 - template errors are the caller's input
-        raise InvalidArgument(f"{where}.chat cannot be rendered by the chat template: {exc}") from exc
+        raise InvalidArgument(
+            f"{where}.chat cannot be rendered by the chat template: {exc}"
+        ) from exc
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,113 @@
+"""Adapter hot swap under steady load, in each adapter mode: 20 pushes of an r=16 adapter of the
+default model while clients keep generating. Prints push-to-first-served latency p50/p99 (from
+the start of the push to the first response produced by the new version), failed requests
+(must be 0), and the p99 request latency during swaps divided by the steady-state p99.
+Targets: p50 <= 250 ms on this CPU, ratio <= 1.5.
+
+    python bench/adapter_swap.py [--pushes 20 --clients 4 --dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import _common as C
+import grpc
+
+
+async def run_mode(mode: str, adapters: list[Path], args) -> dict:
+    from rlhf.adapter_push import push_adapter
+    from rlhf.v1 import policy_pb2, policy_pb2_grpc
+
+    server, channel = await C.start_policy(mode, args.dtype)
+    stub = policy_pb2_grpc.PolicyServiceStub(channel)
+    base_id = server.app.config.resolved_base_model_id()
+    prompts = C.chat_prompts(args.clients)
+    phase = {"name": "warmup"}
+    latencies: dict[str, list[float]] = {"steady": [], "swap": []}
+    first_served: dict[int, float] = {}
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def client(i: int):
+        req = policy_pb2.GenerateRequest(
+            prompts=[prompts[i]],
+            params=policy_pb2.SamplingParams(max_tokens=args.tokens, ignore_eos=True, seed=i))
+        while not stop.is_set():
+            start = time.perf_counter()
+            try:
+                resp = await stub.Generate(req, timeout=120)
+            except grpc.aio.AioRpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            end = time.perf_counter()
+            if phase["name"] in latencies:
+                latencies[phase["name"]].append(end - start)
+            served = resp.results[0].served_by
+            if not served.base:
+                first_served.setdefault(served.adapter.version, end)
+
+    try:
+        tasks = [asyncio.create_task(client(i)) for i in range(args.clients)]
+        await asyncio.sleep(args.warmup)
+        phase["name"] = "steady"
+        await asyncio.sleep(args.steady)
+        phase["name"] = "swap"
+        push_start: dict[int, float] = {}
+        for version in range(1, args.pushes + 1):
+            push_start[version] = time.perf_counter()
+            await push_adapter(channel, adapters[version % len(adapters)], "swap", version,
+                               base_id)
+            await asyncio.sleep(args.gap)
+        await asyncio.sleep(2.0)
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        await channel.close()
+        await server.shutdown()
+    to_first = [first_served[v] - push_start[v] for v in push_start if v in first_served]
+    steady_p99 = C.percentile(latencies["steady"], 0.99)
+    swap_p99 = C.percentile(latencies["swap"], 0.99)
+    return {
+        "pushes": args.pushes,
+        "versions_served": len(to_first),
+        "push_to_first_served_p50_ms": round(1000 * C.percentile(to_first, 0.5), 1),
+        "push_to_first_served_p99_ms": round(1000 * C.percentile(to_first, 0.99), 1),
+        "failed_requests": len(failures),
+        "steady_p99_ms": round(1000 * steady_p99, 1),
+        "swap_p99_ms": round(1000 * swap_p99, 1),
+        "p99_swap_over_steady": round(swap_p99 / steady_p99, 3),
+        "requests": len(latencies["steady"]) + len(latencies["swap"]),
+        "first_failures": failures[:3],
+    }
+
+
+async def main(args) -> None:
+    root = Path(tempfile.mkdtemp())
+    adapters = [C.make_adapter(root / f"a{i}", r=16, seed=i) for i in range(3)]
+    figures = {}
+    for mode in args.modes:
+        f = figures[mode] = await run_mode(mode, adapters, args)
+        print(f"{mode:7s} push->first served p50 {f['push_to_first_served_p50_ms']} ms, "
+              f"p99 {f['push_to_first_served_p99_ms']} ms (target p50 <= 250); "
+              f"failed {f['failed_requests']} (must be 0); p99 during swaps / steady "
+              f"{f['p99_swap_over_steady']} (target <= 1.5)")
+    C.report("adapter_swap", {"dtype": args.dtype, "rank": 16, "clients": args.clients,
+                              "tokens": args.tokens, **figures})
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pushes", type=int, default=20)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--steady", type=float, default=10.0)
+    parser.add_argument("--gap", type=float, default=0.5, help="seconds between pushes")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--modes", nargs="+", default=["lora", "merged"])
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,110 @@
+"""AdapterRegistry book-keeping (unit level, a recording engine stands in for vLLM): versions in
+use are unloaded only after their last request, room is made least-recently-loaded first,
+pushes of one name are serialised. The real-engine behaviour is in test_policy_adapters.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+
+from rlhf.plumbing.errors import NotFound, ResourceExhausted
+from services.policy.adapters import AdapterRegistry
+from services.policy.stats import EngineStats
+
+
+class RecordingEngine:
+    def __init__(self):
+        self.loaded: set[str] = set()
+        self.events: list[str] = []
+
+    async def add_adapter(self, handle):
+        self.loaded.add(handle.engine_name)
+        self.events.append(f"+{handle.engine_name}")
+
+    async def remove_adapter(self, handle):
+        self.loaded.discard(handle.engine_name)
+        self.events.append(f"-{handle.engine_name}")
+
+
+def _stage(registry: AdapterRegistry, tag: str):
+    folder = registry.incoming_dir() / f"{tag}-{uuid.uuid4().hex}"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"x")
+    (folder / "adapter_config.json").write_text("{}")
+    return folder
+
+
+def _meta(name, version):
+    return {"name": name, "version": version, "sha256": f"{version:064x}", "size_bytes": 1,
+            "rank": 8, "target_modules": ["q_proj"], "loaded_at": float(version)}
+
+
+async def _install(registry, name, version, activate=True):
+    async with registry.name_lock(name):
+        return await registry.install(_stage(registry, f"{name}{version}"), _meta(name, version),
+                                      activate)
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return AdapterRegistry(tmp_path / "adapters", RecordingEngine(), "lora", keep_versions=2,
+                           max_loaded=4, stats=EngineStats())
+
+
+async def test_version_in_use_is_unloaded_only_after_its_last_request(registry):
+    await _install(registry, "p", 1)
+    lease = await registry.acquire("active")
+    assert lease.served == ("p", 1)
+    await _install(registry, "p", 2)
+    await _install(registry, "p", 3)  # keep_versions=2: v1 retires, but a request holds it
+    assert "p@v1" in registry.engine.loaded
+    assert [k.handle.version for k in registry.kept()] == [2, 3]
+    with pytest.raises(NotFound):  # retiring versions take no new requests
+        await registry.acquire("pinned", ("p", 1))
+    await registry.release(lease)
+    assert "p@v1" not in registry.engine.loaded
+    assert not (registry.root / "p" / "v1").exists()
+
+
+async def test_room_is_made_least_recently_loaded_first(registry):
+    for name in ("a", "b", "c", "d"):
+        await _install(registry, name, 1, activate=False)
+    await _install(registry, "e", 1)  # 4 loaded = max_loaded: "a" (oldest, idle) goes
+    assert "a@v1" not in registry.engine.loaded and "e@v1" in registry.engine.loaded
+    held = [await registry.acquire("pinned", (n, 1)) for n in ("b", "c", "d")]
+    with pytest.raises(ResourceExhausted, match="max_loaded_adapters=4"):
+        await _install(registry, "f", 1)  # everything else is active or busy
+    for lease in held:
+        await registry.release(lease)
+    await _install(registry, "f", 1)
+    assert "b@v1" not in registry.engine.loaded
+
+
+async def test_state_survives_a_new_registry(registry, tmp_path):
+    await _install(registry, "p", 1)
+    await _install(registry, "p", 2)
+    await registry.set_active(("p", 1))
+    state = json.loads((registry.root / "state.json").read_text())
+    assert state["active"] == {"name": "p", "version": 1}
+    again = AdapterRegistry(registry.root, RecordingEngine(), "lora", 2, 4, EngineStats())
+    await again.restore()
+    assert again.active == ("p", 1)
+    assert again.engine.loaded == {"p@v1", "p@v2"}
+    assert again.next_version("p") == 3
+
+
+async def test_pushes_of_one_name_are_serialised(registry):
+    order = []
+
+    async def push(version):
+        async with registry.name_lock("p"):
+            order.append(("start", version))
+            await asyncio.sleep(0.05)
+            await registry.install(_stage(registry, f"p{version}"), _meta("p", version), True)
+            order.append(("end", version))
+
+    await asyncio.gather(push(1), push(2))
+    assert order == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
