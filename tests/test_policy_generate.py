@@ -306,3 +306,19 @@ async def test_metrics_series(policy):
     generated = next(float(line.split()[-1]) for line in body.splitlines()
                      if line.startswith("rlhf_policy_generated_tokens_total"))
     assert generated >= 4
+
+
+async def test_seeded_batch_larger_than_one_prefill_chunk(policy):
+    """vLLM 0.32 on CPU kills its engine when a seeded request's prefill is split over steps
+    ("CPU Generator does not use offset"); the policy runs without chunked prefill so a big
+    seeded batch (as the trainer sends) just works."""
+    prompts = [ids_prompt([(i * 7 + j) % 300 + 3 for j in range(400)]) for i in range(24)]
+    resp = await stub(policy.channel).Generate(policy_pb2.GenerateRequest(
+        prompts=prompts, params=policy_pb2.SamplingParams(n=2, max_tokens=4, seed=5,
+                                                          ignore_eos=True),
+        adapter=base()), timeout=300)
+    assert [len(c.token_ids) for r in resp.results for c in r.completions] == [4] * 48
+    # ...and the engine is still alive for the next call.
+    again = await stub(policy.channel).Generate(policy_pb2.GenerateRequest(
+        prompts=[text_prompt("still here")], params=greedy(3), adapter=base()), timeout=60)
+    assert len(again.results[0].completions[0].token_ids) == 3

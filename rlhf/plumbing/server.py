@@ -96,6 +96,8 @@ class GrpcServer:
             "%s listening on %s:%d (%s), metrics on :%s; starting up",
             cfg.service, cfg.host, self.port, "TLS" if creds else "plaintext", self.metrics_port,
         )
+        if hasattr(self.app, "report_health"):
+            self.app.report_health = self.report_health
         try:
             await self.app.startup()
         except BaseException:
@@ -106,6 +108,17 @@ class GrpcServer:
         self.ready = True
         log.info("%s ready", cfg.service)
         return self
+
+    async def report_health(self, serving: bool, reason: str = "") -> None:
+        """Lets a service flip its health after start-up (e.g. its engine died), so probes and
+        load balancers stop sending it work."""
+        if self._stopping:
+            return
+        self.ready = serving
+        if not serving:
+            log.error("%s reports NOT_SERVING: %s", self.config.service, reason)
+        for name in ("", *self.app.service_names):
+            await self.health.set(name, SERVING if serving else NOT_SERVING)
 
     async def shutdown(self) -> None:
         """Graceful drain; safe to call more than once."""

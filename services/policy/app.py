@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -62,6 +63,7 @@ class PolicyApp:
         self.servicer: PolicyServicer | None = None
         self.registry: AdapterRegistry | None = None
         self.ready = False
+        self.report_health = None  # set by GrpcServer before startup()
 
     def register(self, server: grpc.aio.Server) -> None:
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(_Deferred(self), server)
@@ -85,6 +87,7 @@ class PolicyApp:
         shapes = BaseShapes.from_model_dir(model_dir)
         if self.engine is None:
             self.engine = VllmEngine(cfg, self.stats)
+        self.engine.on_dead = self._engine_died
         await self.engine.start()
         self.registry = AdapterRegistry(
             cfg.adapters_dir(), self.engine, cfg.adapter_mode, cfg.keep_versions,
@@ -94,6 +97,11 @@ class PolicyApp:
         self.servicer = PolicyServicer(cfg, self.engine, self.registry, tokenizer, shapes,
                                        self.stats, lambda: self.ready)
         self.ready = True
+
+    def _engine_died(self) -> None:
+        if self.ready and self.report_health is not None:
+            self.ready = False
+            asyncio.ensure_future(self.report_health(False, "the vLLM engine core died"))
 
     async def shutdown(self) -> None:
         self.ready = False

@@ -32,6 +32,9 @@ class PolicyConfig(ServiceConfig):
     max_model_len: int = Field(2048, ge=16, description="Context length (prompt + completion).")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size in GiB (CPU).")
     max_num_seqs: int = Field(64, ge=1, description="Sequences vLLM schedules at once.")
+    max_num_batched_tokens: int = Field(
+        8192, ge=16, description="Tokens per engine step (raised to max_model_len if lower)."
+    )
     enforce_eager: bool = Field(True, description="Skip graph capture (no gain on CPU).")
     seed: int = Field(0, description="Engine seed (unseeded requests still differ).")
     adapter_mode: Literal["lora", "merged"] = Field(

@@ -194,11 +194,17 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         with self.admission.admit(len(prepared) * sampling.n):
             async with self.registry.lease(target, pinned) as lease:
                 self.stats.prompt_tokens.inc(sum(len(ids) for ids, _ in prepared))
-                async with asyncio.TaskGroup() as tg:
-                    tasks = [
-                        tg.create_task(self._complete(ids, s, f"{rid}-{tag}-{i}", lease.handle))
-                        for i, (ids, s) in enumerate(prepared)
-                    ]
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        tasks = [
+                            tg.create_task(
+                                self._complete(ids, s, f"{rid}-{tag}-{i}", lease.handle))
+                            for i, (ids, s) in enumerate(prepared)
+                        ]
+                except ExceptionGroup as group:
+                    # One prompt's failure fails the call (its siblings were cancelled); report
+                    # the first error itself, so a ServiceError keeps its status code.
+                    raise group.exceptions[0] from None
         response = policy_pb2.GenerateResponse(request_id=rid)
         generated = 0
         for i, ((ids, _), task) in enumerate(zip(prepared, tasks, strict=True)):

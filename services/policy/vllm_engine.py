@@ -34,6 +34,8 @@ class VllmEngine:
         self.vocab_size = 0
         self.dtype = config.dtype
         self._merged_lock = asyncio.Lock()
+        # Called once the engine core is gone, so health turns NOT_SERVING and the pod restarts.
+        self.on_dead = None
 
     async def start(self) -> None:
         _engine_env(self.config)
@@ -50,6 +52,11 @@ class VllmEngine:
             dtype=cfg.dtype,
             max_model_len=cfg.max_model_len,
             max_num_seqs=cfg.max_num_seqs,
+            # vLLM 0.32 on CPU crashes its engine ("CPU Generator does not use offset") when a
+            # seeded request's prefill is split across steps, and the trainer always seeds: so
+            # no chunked prefill, and a step budget that fits a whole prompt.
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.max_model_len),
             enforce_eager=cfg.enforce_eager,
             seed=cfg.seed,
             kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
@@ -134,6 +141,8 @@ class VllmEngine:
                     finished=out.finished,
                 )
         except EngineDeadError as exc:
+            if self.on_dead is not None:
+                self.on_dead()
             raise Unavailable(f"the generation engine died: {exc}") from exc
         except ValueError as exc:  # vLLM's own request validation
             raise InvalidArgument(str(exc)) from exc

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlhf.plumbing.config import CommaList, ServiceConfig
@@ -15,7 +17,38 @@ class RewardConfig(ServiceConfig):
     grpc_port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus port; 0 = free one.")
     scorer: CommaList = Field(
-        default_factory=list, description="Scorer spec [WEIGHT*]KIND:ARG, repeatable."
+        default_factory=list,
+        description="Scorer spec [WEIGHT*]KIND:ARG (rm:PATH, rule:NAME?k=v, python:MODULE:FN); "
+        "repeatable.",
     )
-    max_batch_items: int = Field(1024, ge=1, description="Most items per Score call.")
-    max_text_chars: int = Field(32768, ge=1, description="Longest prompt or completion.")
+    max_batch_items: int = Field(1024, ge=1, le=2**32 - 1, description="Most items per Score call.")
+    max_text_chars: int = Field(
+        32768, ge=1, le=2**32 - 1, description="Longest prompt, completion or reference."
+    )
+    max_batch_size: int = Field(
+        32, ge=1, description="Most items per reward-model forward pass (1 = no batching)."
+    )
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="How long a queued item waits for others to fill its batch."
+    )
+    normalize: Literal["none", "rm", "all"] = Field(
+        "none", description="Running mean/std normalisation: of no scorer, rm scorers, or all."
+    )
+    normalize_freeze_after: int = Field(
+        0, ge=0, description="Freeze the normalisation statistics after this many items (0: never)."
+    )
+    device: str = Field("auto", description="Torch device of reward models: auto, cpu, cuda[:N].")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype of reward models."
+    )
+    rm_max_tokens: int = Field(
+        512, ge=8, description="Longest tokenized (prompt, completion) a reward model sees."
+    )
+    threads: int = Field(0, ge=0, description="Torch CPU threads (0: torch's default).")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda", "mps") or value.startswith("cuda:"):
+            return value
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
