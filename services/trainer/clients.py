@@ -103,6 +103,9 @@ class Services:
         self.retry_max = retry_max
         self.on_wait, self.on_recover = on_wait, on_recover
         self.policy = policy_pb2_grpc.PolicyServiceStub(make_channel(policy_addr, tls))
+        # Rollouts pin an adapter version, so they go only to replicas that confirmed it (all of
+        # them normally; the quorum when some refused).
+        self.rollout_stub = self.policy
         self.reward = reward_pb2_grpc.RewardServiceStub(make_channel(reward_addr, tls))
 
     async def _retry(self, what, call):
@@ -113,14 +116,30 @@ class Services:
             policy_pb2.PolicyServiceGetInfoRequest(), timeout=30))
         return info.base_model_id
 
+    async def newest_version(self) -> int:
+        """The newest version of this run's adapter name on any replica (0 if none)."""
+        newest = 0
+        for endpoint in endpoints(self.policy_addr):
+            stub = policy_pb2_grpc.PolicyServiceStub(make_channel(endpoint, self.tls))
+            listed = await self._retry(f"policy ListAdapters on {endpoint}", lambda s=stub: (
+                s.ListAdapters(policy_pb2.ListAdaptersRequest(name=self.adapter_name),
+                               timeout=30)))
+            newest = max([newest, *(a.adapter.version for a in listed.adapters)])
+        return newest
+
     async def generate(self, records, n: int, max_tokens: int, temperature: float,
-                       seed: int) -> list[Sample]:
+                       seed: int, version: int) -> list[Sample]:
+        """Samples from exactly `version` of the run's adapter (pinned, so a concurrent push
+        can't change which weights answer)."""
         request = policy_pb2.GenerateRequest(
             prompts=[prompt_message(r) for r in records],
             params=policy_pb2.SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature,
                                              seed=seed, logprobs=True),
+            adapter=policy_pb2.AdapterSelector(
+                target=policy_pb2.ADAPTER_TARGET_PINNED,
+                pinned=policy_pb2.AdapterRef(name=self.adapter_name, version=version)),
         )
-        resp = await self._retry("policy Generate", lambda: self.policy.Generate(
+        resp = await self._retry("policy Generate", lambda: self.rollout_stub.Generate(
             request, timeout=self.timeout))
         samples = []
         for result in resp.results:
@@ -140,8 +159,9 @@ class Services:
         items = []
         for s in samples:
             record = records[s.prompt_index]
+            reference = record.meta.get("reference", record.meta.get("answer", ""))
             item = reward_pb2.ScoreItem(completion=s.completion_text or " ",
-                                        reference=record.reference or "")
+                                        reference=str(reference))
             if record.messages:
                 item.prompt_messages.extend(common_pb2.ChatMessage(role=m["role"],
                                                                    content=m["content"])
@@ -181,6 +201,9 @@ class Services:
         if len(result.confirmed) < quorum * len(targets):
             raise GaveUp(f"adapter v{version} confirmed by {len(result.confirmed)} of "
                          f"{len(targets)} replicas (quorum {quorum}); refusals: {result.refused}")
+        self.rollout_stub = (self.policy if not result.refused else
+                             policy_pb2_grpc.PolicyServiceStub(make_channel(result.confirmed,
+                                                                            self.tls)))
         return result
 
     async def _push_one(self, endpoint: str, folder: Path, version: int, base_model_id: str,

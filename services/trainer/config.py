@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -20,3 +22,10 @@ class TrainerConfig(ServiceConfig):
     reward_addr: CommaList = Field(
         default_factory=list, description="Reward replicas: host:port (repeatable) or dns:///name."
     )
+    model: Path | None = Field(None, description="Base model folder for runs that name none.")
+    prompts: Path | None = Field(None, description="Prompts JSONL for runs that name none.")
+    runs_dir: Path | None = Field(None, description="Where runs live (default data_dir/runs).")
+    policy_admin_token: str | None = Field(None, description="Admin token for adapter pushes.")
+
+    def resolved_runs_dir(self) -> Path:
+        return self.runs_dir or self.data_dir / "runs"

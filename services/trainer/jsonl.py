@@ -25,6 +25,8 @@ from typing import Any
 MAX_LISTED_ERRORS = 20
 
 Message = dict[str, str]
+# The roles the policy service accepts in a chat prompt; anything else fails there, later.
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class DataError(ValueError):
@@ -216,6 +218,9 @@ def _messages(value: Any) -> tuple[Message, ...]:
                                f"{_json_type(msg[key])}")
             if not msg[key].strip():
                 raise _BadLine(f'"messages"[{i}].{key} is empty')
+        if msg["role"] not in ROLES:
+            raise _BadLine(f'"messages"[{i}].role is "{msg["role"]}"; use one of '
+                           + ", ".join(ROLES))
         out.append(dict(msg))
     return tuple(out)
 

@@ -306,6 +306,8 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
         raise ValueError(f"group_size must be >= 2 (samples per prompt), got {group_size}")
     if scores.shape[0] % group_size:
         raise ValueError(f"{scores.shape[0]} scores do not split into groups of {group_size}")
+    if not scores.is_floating_point():
+        scores = scores.float()
     return scores.view(-1, group_size)  # [P, G]
 
 

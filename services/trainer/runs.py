@@ -1,0 +1,268 @@
+"""Runs started through TrainerService: one learner at a time, its state, and the history that
+WatchRun replays. Run folders live under runs_dir/<run_id>; starting an existing id resumes it
+from its last checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from rlhf.plumbing import metrics as m
+from rlhf.plumbing.config import ConfigError
+from rlhf.plumbing.errors import FailedPrecondition, InvalidArgument, NotFound
+from rlhf.v1 import trainer_pb2
+from services.trainer.config import TrainerConfig
+from services.trainer.learner import Hooks, Learner
+from services.trainer.settings import RunSettings
+
+log = logging.getLogger("rlhf.trainer.runs")
+RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+ALGOS = {trainer_pb2.ALGORITHM_UNSPECIFIED: "ppo", trainer_pb2.ALGORITHM_PPO: "ppo",
+         trainer_pb2.ALGORITHM_GRPO: "grpo", trainer_pb2.ALGORITHM_RLOO: "rloo"}
+STATES = {"pending": trainer_pb2.RUN_STATE_PENDING, "running": trainer_pb2.RUN_STATE_RUNNING,
+          "waiting": trainer_pb2.RUN_STATE_WAITING, "stopping": trainer_pb2.RUN_STATE_STOPPING,
+          "stopped": trainer_pb2.RUN_STATE_STOPPED, "completed": trainer_pb2.RUN_STATE_COMPLETED,
+          "failed": trainer_pb2.RUN_STATE_FAILED}
+FINAL = {"stopped", "completed", "failed"}
+EVENTS = {"checkpoint_saved": trainer_pb2.RUN_EVENT_KIND_CHECKPOINT_SAVED,
+          "adapter_pushed": trainer_pb2.RUN_EVENT_KIND_ADAPTER_PUSHED,
+          "push_failed": trainer_pb2.RUN_EVENT_KIND_PUSH_FAILED,
+          "waiting": trainer_pb2.RUN_EVENT_KIND_WAITING,
+          "state": trainer_pb2.RUN_EVENT_KIND_STATE_CHANGED}
+METRIC_FIELDS = {f.name for f in trainer_pb2.StepMetrics.DESCRIPTOR.fields}
+
+
+class TrainerMetrics:
+    def __init__(self) -> None:
+        self.step = m.gauge("rlhf_trainer_step", "Steps completed by the current run")
+        self.version = m.gauge("rlhf_trainer_adapter_version", "Latest adapter version pushed")
+        self.reward = m.gauge("rlhf_trainer_reward_mean", "Mean reward of the latest step")
+        self.kl = m.gauge("rlhf_trainer_kl", "Mean KL to the reference, latest step (nats)")
+        self.figure = m.gauge("rlhf_trainer_step_figure", "Other per-step figures", ("name",))
+        self.phase = m.gauge("rlhf_trainer_phase_seconds", "Seconds per phase, latest step",
+                             ("phase",))
+        self.push_failures = m.counter("rlhf_trainer_push_failures", "Replica push refusals")
+        self.waiting = m.gauge("rlhf_trainer_waiting", "1 while a run waits for a service")
+
+    def record(self, metrics: dict) -> None:
+        self.step.set(metrics["step"])
+        self.version.set(metrics["adapter_version"])
+        self.reward.set(metrics["reward_mean"])
+        self.kl.set(metrics["kl"])
+        for name in ("entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl",
+                     "logprob_mismatch", "staleness", "samples_per_second", "kl_coef",
+                     "reward_std"):
+            self.figure.labels(name).set(metrics[name])
+        for phase in ("generate", "score", "train", "push"):
+            self.phase.labels(phase).set(metrics[f"{phase}_seconds"])
+
+
+def _ts(t: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    settings: RunSettings
+    state: str = "pending"
+    step: int = 0
+    version: int = 0
+    message: str = ""
+    last_metrics: dict | None = None
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    history: list = field(default_factory=list)  # WatchRunResponse messages, in order
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    learner: Learner | None = None
+    task: asyncio.Task | None = None
+
+    def to_proto(self) -> trainer_pb2.Run:
+        s = self.settings
+        run = trainer_pb2.Run(
+            run_id=self.run_id, state=STATES[self.state], step=self.step,
+            adapter_version=self.version, message=self.message, out_dir=str(s.out),
+            created_at=_ts(self.created), updated_at=_ts(self.updated),
+            config=settings_to_proto(s),
+        )
+        if self.last_metrics is not None:
+            run.last_metrics.CopyFrom(metrics_proto(self.last_metrics))
+        return run
+
+
+def metrics_proto(metrics: dict) -> trainer_pb2.StepMetrics:
+    return trainer_pb2.StepMetrics(**{k: v for k, v in metrics.items() if k in METRIC_FIELDS})
+
+
+def settings_to_proto(s: RunSettings) -> trainer_pb2.RunConfig:
+    algo = {v: k for k, v in ALGOS.items() if k != trainer_pb2.ALGORITHM_UNSPECIFIED}[s.algo]
+    return trainer_pb2.RunConfig(
+        algorithm=algo, model=str(s.resolved_model()), init_adapter=str(s.init_adapter or ""),
+        prompts_path=str(s.prompts or ""), steps=s.steps, prompts_per_step=s.prompts_per_step,
+        samples_per_prompt=s.samples_per_prompt, max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature, learning_rate=s.learning_rate, ppo_epochs=s.ppo_epochs,
+        minibatch_size=s.minibatch_size, clip_range=s.clip_range,
+        clip_range_value=s.clip_range_value, gamma=s.gamma, lam=s.lam, kl_coef=s.kl_coef,
+        target_kl=s.target_kl or 0.0, kl_estimator=s.kl_estimator, lora_rank=s.lora_rank,
+        lora_alpha=s.lora_alpha, target_modules=s.target_modules, max_staleness=s.max_staleness,
+        seed=s.seed, checkpoint_every=s.checkpoint_every, adapter_name=s.adapter_name,
+        push_quorum=s.push_quorum,
+    )
+
+
+def settings_from_proto(cfg: trainer_pb2.RunConfig, defaults: TrainerConfig,
+                        run_id: str) -> RunSettings:
+    values: dict = {"algo": ALGOS[cfg.algorithm]}
+    for name in ("model", "init_adapter"):
+        if getattr(cfg, name):
+            values[name] = getattr(cfg, name)
+    if cfg.prompts_path:
+        values["prompts"] = cfg.prompts_path
+    for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
+                 "ppo_epochs", "minibatch_size", "lora_rank", "checkpoint_every"):
+        if getattr(cfg, name):
+            values[name] = getattr(cfg, name)
+    for name in ("temperature", "learning_rate", "clip_range", "clip_range_value", "gamma",
+                 "lam", "kl_coef", "lora_alpha", "max_staleness", "seed", "push_quorum"):
+        if cfg.HasField(name):
+            values[name] = getattr(cfg, name)
+    if cfg.HasField("target_kl") and cfg.target_kl > 0:
+        values["target_kl"] = cfg.target_kl
+    if cfg.kl_estimator:
+        values["kl_estimator"] = cfg.kl_estimator
+    if cfg.target_modules:
+        values["target_modules"] = list(cfg.target_modules)
+    if cfg.adapter_name:
+        values["adapter_name"] = cfg.adapter_name
+    values.setdefault("model", defaults.model)
+    values.setdefault("prompts", defaults.prompts)
+    values.update(policy_addr=defaults.policy_addr, reward_addr=defaults.reward_addr,
+                  admin_token=defaults.policy_admin_token,
+                  out=defaults.resolved_runs_dir() / run_id)
+    try:
+        settings = RunSettings.load(None, **{k: v for k, v in values.items() if v is not None})
+        settings.require_runnable()
+    except ConfigError as exc:
+        raise InvalidArgument(str(exc)) from None
+    return settings
+
+
+class RunManager:
+    def __init__(self, config: TrainerConfig):
+        self.config = config
+        self.runs: dict[str, RunRecord] = {}
+        self.metrics = TrainerMetrics()
+
+    def get(self, run_id: str) -> RunRecord:
+        record = self.runs.get(run_id)
+        if record is None:
+            raise NotFound(f"no run {run_id!r} on this trainer")
+        return record
+
+    def active(self) -> RunRecord | None:
+        return next((r for r in self.runs.values() if r.state not in FINAL), None)
+
+    async def start(self, run_id: str, cfg: trainer_pb2.RunConfig) -> RunRecord:
+        run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        if not RUN_ID.match(run_id):
+            raise InvalidArgument(f"run_id {run_id!r} must be 1-64 characters of [A-Za-z0-9._-]")
+        busy = self.active()
+        if busy is not None:
+            raise FailedPrecondition(f"run {busy.run_id!r} is {busy.state}; one run trains at a "
+                                     "time per trainer (StopRun it first)")
+        settings = settings_from_proto(cfg, self.config, run_id)
+        record = RunRecord(run_id, settings)
+        try:
+            record.learner = Learner(settings, self._hooks(record))
+        except (ConfigError, ValueError, FileNotFoundError) as exc:
+            raise InvalidArgument(f"cannot start run: {exc}") from None
+        self.runs[run_id] = record
+        record.task = asyncio.create_task(self._drive(record))
+        return record
+
+    async def stop(self, run_id: str) -> RunRecord:
+        record = self.get(run_id)
+        if record.state not in FINAL:
+            record.learner.stop_requested = True
+            self._set_state(record, "stopping", "stopping after the current step")
+        return record
+
+    async def stop_all(self) -> None:
+        for record in self.runs.values():
+            if record.task is not None and not record.task.done():
+                record.learner.stop_requested = True
+                record.task.cancel()
+                try:
+                    await record.task
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+                    pass
+
+    async def _drive(self, record: RunRecord) -> None:
+        self._set_state(record, "running", "")
+        try:
+            await record.learner.run()
+        except asyncio.CancelledError:
+            self._set_state(record, "stopped", "trainer shut down; resumable")
+            raise
+        except Exception as exc:  # noqa: BLE001 - the run fails, the service keeps serving
+            log.exception("run %s failed", record.run_id)
+            self._set_state(record, "failed", f"{type(exc).__name__}: {exc}")
+            return
+        if record.learner.stop_requested:
+            self._set_state(record, "stopped", "stopped on request; resumable")
+        else:
+            self._set_state(record, "completed", "")
+
+    # ------------------------------------------------------------------ hooks
+
+    def _publish(self, record: RunRecord, update: trainer_pb2.WatchRunResponse) -> None:
+        record.updated = time.time()
+        record.history.append(update)
+
+        async def notify():
+            async with record.changed:
+                record.changed.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    def _set_state(self, record: RunRecord, state: str, message: str) -> None:
+        if record.state == state and record.message == message:
+            return
+        if record.state == "stopping" and state in ("running", "waiting"):
+            return
+        record.state, record.message = state, message
+        if record.learner is not None:
+            record.step = max(record.step, record.learner.step)
+            record.version = max(record.version, record.learner.version)
+        self.metrics.waiting.set(1 if state == "waiting" else 0)
+        kind = "waiting" if state == "waiting" else "state"
+        self._publish(record, trainer_pb2.WatchRunResponse(event=trainer_pb2.RunEvent(
+            kind=EVENTS[kind], time=_ts(time.time()), message=message, state=STATES[state],
+            step=record.step)))
+
+    def _hooks(self, record: RunRecord) -> Hooks:
+        def on_metrics(metrics: dict) -> None:
+            record.step, record.version = metrics["step"], metrics["adapter_version"]
+            record.last_metrics = metrics
+            self.metrics.record(metrics)
+            self._publish(record, trainer_pb2.WatchRunResponse(metrics=metrics_proto(metrics)))
+
+        def on_event(kind: str, message: str) -> None:
+            if kind == "push_failed":
+                self.metrics.push_failures.inc()
+            self._publish(record, trainer_pb2.WatchRunResponse(event=trainer_pb2.RunEvent(
+                kind=EVENTS[kind], time=_ts(time.time()), message=message,
+                state=STATES[record.state], step=record.step)))
+
+        def on_state(state: str, message: str) -> None:
+            self._set_state(record, state, message)
+
+        return Hooks(on_metrics=on_metrics, on_event=on_event, on_state=on_state)
