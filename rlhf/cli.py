@@ -74,7 +74,8 @@ def train() -> None:
     """Training stages as batch jobs."""
 
 
-@main.group(cls=LazyGroup, lazy={"sentiment-pairs": ("services.trainer.rm_data", "sentiment_pairs")})
+@main.group(cls=LazyGroup,
+            lazy={"sentiment-pairs": ("services.trainer.rm_data", "sentiment_pairs")})
 def data() -> None:
     """Build training data from packaged corpora."""
 

@@ -40,6 +40,19 @@ def _split_commas(value: Any) -> Any:
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; errors name the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys")
+    return data
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("RLHF_HOME", "~/.cache/rlhf-grpc")).expanduser()
 
@@ -139,14 +152,7 @@ class ServiceConfig(BaseSettings):
         source = "defaults"
         if yaml_file is not None:
             source = str(yaml_file)
-            try:
-                data = yaml.safe_load(Path(yaml_file).read_text()) or {}
-            except FileNotFoundError:
-                raise ConfigError(f"config file not found: {yaml_file}") from None
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {yaml_file} is not valid YAML: {exc}") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"config file {yaml_file} must hold a mapping of keys")
+            data = read_yaml_mapping(yaml_file)
             cls._check_keys(data, source)
         cls._check_env()
         token = _yaml_values.set(data)

@@ -71,7 +71,9 @@ class ActorCritic(nn.Module):
             self.model.add_adapter("critic", lora)
             hidden = base.config.hidden_size
             self.value_head = nn.Linear(hidden, 1)
-            nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            # V = 0 at the start: a random critic's noise would swamp the first advantages
+            # (rewards arrive only at the last token), while zero gives plain returns.
+            nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         self.model.set_adapter("policy")
         pad = self.tokenizer.pad_token_id

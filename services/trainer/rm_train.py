@@ -133,6 +133,7 @@ class Settings:
     lora_r: int = 16
     lora_alpha: int | None = None
     lora_targets: list[str] = field(default_factory=list)
+    lora_last_layers: int = 0  # 0: every layer
     bins: int | None = None
     epochs: int = 1
     batch_size: int = 16
@@ -155,6 +156,7 @@ class Settings:
             "val_file": _file_digest(self.val_file) if self.val_file else None,
             "val_fraction": self.val_fraction, "mode": self.backbone, "lora_r": self.lora_r,
             "lora_alpha": self.lora_alpha, "lora_targets": list(self.lora_targets),
+            "lora_last_layers": self.lora_last_layers,
             "bins": self.bins, "batch_size": self.batch_size, "lr": self.lr,
             "head_lr": self.head_lr, "max_length": self.max_length, "seed": self.seed,
         }
@@ -220,10 +222,17 @@ def build_model(settings: Settings, backbone: Path, num_labels: int):
     if settings.backbone == "lora":
         from peft import LoraConfig, get_peft_model
 
+        # LoRA on the top layers only: backward then stops there, which is most of the saving
+        # on a CPU.
+        layers = None
+        n_layers = getattr(model.config, "num_hidden_layers", None)
+        if settings.lora_last_layers and n_layers:
+            layers = list(range(max(0, n_layers - settings.lora_last_layers), n_layers))
         config = LoraConfig(
             task_type="SEQ_CLS", r=settings.lora_r,
             lora_alpha=settings.lora_alpha or 2 * settings.lora_r, lora_dropout=0.0,
             target_modules=list(settings.lora_targets) or None, modules_to_save=head or None,
+            layers_to_transform=layers,
         )
         model = get_peft_model(model, config)
     else:
@@ -378,13 +387,13 @@ class RewardTrainer:
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in self.model.parameters() if p.requires_grad], 1.0)
                 self.optimizer.step()
-                stats["loss"] += float(loss) * len(batch)
+                stats["loss"] += float(loss.detach()) * len(batch)
                 stats["correct"] += correct
                 stats["n"] += len(batch)
                 stats["steps"] += 1
                 state["step"] = step + 1
                 state["global_step"] += 1
-                advance(float(loss))
+                advance(float(loss.detach()))
                 if s.checkpoint_every and state["global_step"] % s.checkpoint_every == 0:
                     self._save_checkpoint(ckpt_dir, fingerprint, state)
         running = state.pop("running")
@@ -543,6 +552,8 @@ class _progress:
 @click.option("--lora-alpha", type=click.IntRange(1), default=None, help="Default: 2 * r.")
 @click.option("--lora-target", "lora_targets", multiple=True,
               help="Module names LoRA wraps (repeatable; default: peft's for the architecture).")
+@click.option("--lora-last-layers", type=click.IntRange(0), default=0, show_default=True,
+              help="LoRA on the last N layers only (0: all); backward stops there (faster).")
 @click.option("--bins", type=click.IntRange(2), default=None,
               help="Rating bins (ratings data; default: one per integer rating).")
 @click.option("--epochs", type=click.IntRange(1), default=1, show_default=True)

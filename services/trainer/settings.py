@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rlhf.plumbing.config import ConfigError
+from rlhf.plumbing.config import ConfigError, read_yaml_mapping
 
 
 class RunSettings(BaseModel):
@@ -54,7 +53,8 @@ class RunSettings(BaseModel):
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     adapter_name: str = "policy"
-    push_quorum: float = Field(1.0, gt=0, le=1, description="Fraction of replicas that must confirm.")
+    push_quorum: float = Field(1.0, gt=0, le=1,
+                               description="Fraction of replicas that must confirm.")
     admin_token: str | None = None
     retry_max_seconds: float = Field(600.0, gt=0, description="Give up waiting on a service after.")
     rpc_timeout_seconds: float = Field(300.0, gt=0)
@@ -71,14 +71,7 @@ class RunSettings(BaseModel):
         source = "flags"
         if yaml_file is not None:
             source = str(yaml_file)
-            try:
-                data = yaml.safe_load(Path(yaml_file).read_text()) or {}
-            except FileNotFoundError:
-                raise ConfigError(f"run config not found: {yaml_file}") from None
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"run config {yaml_file} is not valid YAML: {exc}") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"run config {yaml_file} must hold a mapping")
+            data = read_yaml_mapping(yaml_file, "run config")
         data.update({k: v for k, v in overrides.items() if v is not None and v != ()})
         try:
             return cls(**data)
