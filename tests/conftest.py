@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 
 from tests.fixtures_models import *  # noqa: E402,F401,F403
 from tests.fixtures_policy import *  # noqa: E402,F401,F403
+from tests.fixtures_reward import *  # noqa: E402,F401,F403
 
 
 def free_port() -> int:

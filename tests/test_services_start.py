@@ -76,8 +76,12 @@ def test_service_starts_serves_health_and_stops(name, tmp_path):
             assert info.server.version == __version__
             assert info.server.api_version == "rlhf.v1"
             assert info.server.ready
-        assert err.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "not implemented yet (issue #" in err.details()
+        if name == "reward":  # a reward service with no scorers says what is missing
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "no scorers configured" in err.details()
+        else:
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+            assert "no run 'x'" in err.details()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:

@@ -1,32 +1,43 @@
-"""Wires the reward servicer into the shared server. Scoring lands with issue #4; until then the
-service starts, reports health and answers GetInfo."""
+"""Wires the reward service: scorer specs -> scorers (models loaded at start-up) -> mix ->
+servicer, behind the shared server."""
 
 from __future__ import annotations
+
+import logging
 
 import grpc
 
 from rlhf.plumbing.command import service_command
-from rlhf.plumbing.info import not_yet, server_info
+from rlhf.plumbing.errors import Unavailable
+from rlhf.plumbing.info import server_info
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services.reward.config import RewardConfig
+from services.reward.metrics import RewardStats
+from services.reward.mix import Mix
+from services.reward.normalize import RunningNorm
+from services.reward.scorers import Scorer, build_scorer
+from services.reward.servicer import RewardServicer
+from services.reward.spec import parse_specs
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+log = logging.getLogger("rlhf.reward")
 
 
-class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
+class _Deferred(reward_pb2_grpc.RewardServiceServicer):
+    """Registered before start-up (gRPC needs its handlers before it starts); Score is forwarded
+    once the scorers are loaded, UNAVAILABLE until then. GetInfo answers at once, with
+    ready=false while loading."""
+
     def __init__(self, app: RewardApp):
         self.app = app
 
     async def Score(self, request, context):
-        raise not_yet("Score", 4)
+        if self.app.servicer is None:
+            raise Unavailable("the reward service is still loading; retry when health is SERVING")
+        return await self.app.servicer.Score(request, context)
 
     async def GetInfo(self, request, context):
-        cfg = self.app.config
-        return reward_pb2.RewardServiceGetInfoResponse(
-            server=server_info("reward", self.app.ready),
-            max_batch_items=cfg.max_batch_items,
-            max_text_chars=cfg.max_text_chars,
-        )
+        return self.app.info()
 
 
 class RewardApp:
@@ -34,16 +45,63 @@ class RewardApp:
 
     def __init__(self, config: RewardConfig):
         self.config = config
+        self.stats = RewardStats()
+        # Specs and rules are checked here, so a bad flag fails before any model loads.
+        self.scorers: list[Scorer] = [
+            build_scorer(spec, config, self.stats) for spec in parse_specs(config.scorer)
+        ]
+        self.servicer: RewardServicer | None = None
         self.ready = False
 
+    def normalized(self, scorer: Scorer) -> bool:
+        mode = self.config.normalize
+        return mode == "all" or (mode == "rm" and scorer.kind == "rm")
+
     def register(self, server: grpc.aio.Server) -> None:
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self), server)
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(_Deferred(self), server)
 
     async def startup(self) -> None:
+        cfg = self.config
+        if cfg.threads and any(s.kind == "rm" for s in self.scorers):
+            import torch
+
+            torch.set_num_threads(cfg.threads)
+        started: list[Scorer] = []
+        try:
+            for scorer in self.scorers:
+                await scorer.start()
+                started.append(scorer)
+        except BaseException:
+            for scorer in started:
+                await scorer.close()
+            raise
+        if not self.scorers:
+            log.warning("no scorers configured: Score calls will fail (pass --scorer)")
+        norms = {
+            s.name: RunningNorm(cfg.normalize_freeze_after)
+            for s in self.scorers
+            if self.normalized(s)
+        }
+        self.servicer = RewardServicer(cfg, Mix(self.scorers, norms, self.stats), self.stats)
         self.ready = True
 
     async def shutdown(self) -> None:
         self.ready = False
+        for scorer in self.scorers:
+            await scorer.close()
+
+    def info(self) -> reward_pb2.RewardServiceGetInfoResponse:
+        cfg = self.config
+        return reward_pb2.RewardServiceGetInfoResponse(
+            server=server_info("reward", self.ready),
+            scorers=[
+                reward_pb2.ScorerInfo(name=s.name, kind=s.kind, weight=s.weight,
+                                      normalized=self.normalized(s))
+                for s in self.scorers
+            ],
+            max_batch_items=cfg.max_batch_items,
+            max_text_chars=cfg.max_text_chars,
+        )
 
 
 command = service_command(RewardConfig, RewardApp)

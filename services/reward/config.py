@@ -44,6 +44,10 @@ class RewardConfig(ServiceConfig):
     rm_max_tokens: int = Field(
         512, ge=8, description="Longest tokenized (prompt, completion) a reward model sees."
     )
+    rm_batch_tokens: int = Field(
+        0, ge=0, description="Padded tokens per forward pass; a batch is split into similar-length "
+        "passes within it (0: 512 on CPU, 16384 on GPU).",
+    )
     threads: int = Field(0, ge=0, description="Torch CPU threads (0: torch's default).")
 
     @field_validator("device")

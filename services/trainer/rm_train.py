@@ -254,13 +254,14 @@ class RewardTrainer:
         self.s = settings
         self.echo = echo
 
-    # data
+    def _warn(self, message: str) -> None:
+        self.echo(message, err=True)
+
     def _load_data(self):
         s = self.s
-        warn = lambda m: self.echo(m, err=True)  # noqa: E731
-        examples = load_examples(s.data, s.skip_bad_lines, warn)
+        examples = load_examples(s.data, s.skip_bad_lines, self._warn)
         if s.val_file is not None:
-            val = load_examples(s.val_file, s.skip_bad_lines, warn)
+            val = load_examples(s.val_file, s.skip_bad_lines, self._warn)
             train = examples
         else:
             order = list(range(len(examples)))
@@ -270,31 +271,23 @@ class RewardTrainer:
             train = [examples[i] for i in order[n_val:]]
         if not train:
             raise TrainError(f"{s.data}: no training examples left after the validation split")
-        kinds = {type(x) for x in [*train, *val]}
-        if len(kinds) > 1:
+        if len({type(x) for x in [*train, *val]}) > 1:
             raise TrainError("the training and validation files hold different kinds of data "
                              "(preference vs ratings)")
         return train, val
 
-    def run(self) -> list[dict]:
+    def _build(self, backbone: Path, num_labels: int) -> None:
         import torch
 
         s = self.s
-        backbone = resolve_backbone(s.model)
-        train, val = self._load_data()
-        self.preference = isinstance(train[0], Pair)
-        if self.preference and s.bins is not None:
-            raise TrainError("--bins is for ratings data; preference data trains one output")
-        self.bins = None if self.preference else rating_bins([x.rating for x in train], s.bins)
-        num_labels = 1 if self.preference else len(self.bins)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" \
-            else s.device
-        self.device = device
-
+        if s.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            self.device = s.device
         model, tokenizer, head = build_model(s, backbone, num_labels)
-        self.model, self.tokenizer, self.head = model.to(device), tokenizer, head
+        self.model, self.tokenizer, self.head = model.to(self.device), tokenizer, head
         self.format = default_format(tokenizer)
-        self.bins_t = None if self.bins is None else torch.tensor(self.bins, device=device)
+        self.bins_t = None if self.bins is None else torch.tensor(self.bins, device=self.device)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         head_lr = s.head_lr if s.head_lr is not None else s.lr
         groups = [
@@ -303,19 +296,36 @@ class RewardTrainer:
         ]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
 
-        ckpt_dir = s.out / CHECKPOINT
-        fingerprint = s.fingerprint(backbone)
-        state = {"epoch": 0, "step": 0, "global_step": 0, "history": []}
+    def _initial_state(self, ckpt_dir: Path, fingerprint: dict) -> dict:
+        s = self.s
         if s.restart and ckpt_dir.exists():
             for f in ckpt_dir.iterdir():
                 f.unlink()
         if (ckpt_dir / "state.pt").exists():
-            state = self._resume(ckpt_dir, fingerprint)
+            return self._resume(ckpt_dir, fingerprint)
+        (s.out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+        return {"epoch": 0, "step": 0, "global_step": 0, "history": []}
+
+    def run(self) -> list[dict]:
+        """Trains (or resumes) to --epochs and saves the model; returns the epoch history."""
+        s = self.s
+        backbone = resolve_backbone(s.model)
+        train, val = self._load_data()
+        self.preference = isinstance(train[0], Pair)
+        if self.preference and s.bins is not None:
+            raise TrainError("--bins is for ratings data; preference data trains one output")
+        self.bins = None if self.preference else rating_bins([x.rating for x in train], s.bins)
+        num_labels = 1 if self.preference else len(self.bins)
+        self._build(backbone, num_labels)
+
+        ckpt_dir = s.out / CHECKPOINT
+        fingerprint = s.fingerprint(backbone)
+        state = self._initial_state(ckpt_dir, fingerprint)
         steps_per_epoch = math.ceil(len(train) / s.batch_size)
         kind = "preference pairs" if self.preference else f"ratings ({num_labels} bins)"
-        self.echo(f"reward model: {backbone.name} ({s.backbone}), {len(train)} training / "
-                  f"{len(val)} validation {kind}, {s.epochs} epoch(s) x {steps_per_epoch} steps, "
-                  f"on {device}")
+        self.echo(f"reward model: {_display_name(s.model, backbone)} ({s.backbone}), "
+                  f"{len(train)} training / {len(val)} validation {kind}, {s.epochs} epoch(s) x "
+                  f"{steps_per_epoch} steps, on {self.device}")
         if state["epoch"] >= s.epochs and _has_model(s.out):
             self.echo(f"already trained for {state['epoch']} epoch(s) in {s.out}; nothing to do "
                       "(raise --epochs to continue, or --restart)")
@@ -486,6 +496,10 @@ class RewardTrainer:
             "adapter": s.backbone == "lora" and not s.merge, "history": history,
         }
         (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _display_name(name: str, backbone: Path) -> str:
+    return "all-MiniLM-L6-v2" if name == "minilm" else backbone.name
 
 
 def _has_model(out: Path) -> bool:

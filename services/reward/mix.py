@@ -1,0 +1,100 @@
+"""The weighted sum: runs every scorer on a call's items (concurrently), checks what each
+returned, normalises where configured, and adds up weight * score per item.
+
+A scorer that raises, returns the wrong number of scores, or a non-finite one fails the call
+with INTERNAL and a message naming the scorer; nothing is cached or poisoned, so the next call
+runs normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from rlhf.plumbing.errors import InvalidArgument, ServiceError
+from rlhf.plumbing.logs import current_request_id
+from services.reward.items import Item
+from services.reward.metrics import RewardStats
+from services.reward.normalize import RunningNorm
+from services.reward.scorers import Scorer
+
+
+class ScorerFailed(ServiceError):
+    """A configured scorer misbehaved: the server's problem, not the caller's. The message
+    carries the request id, which finds the traceback in the server log."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(f"{message} (request id {current_request_id()})")
+
+
+@dataclass(frozen=True)
+class Scored:
+    total: float
+    parts: tuple[float, ...]  # one per scorer, in configuration order
+
+
+def check_scores(name: str, raw, n: int) -> list[float]:
+    if raw is None or isinstance(raw, str | bytes | dict):
+        raise ScorerFailed(f"scorer {name} returned {type(raw).__name__}, not a list of numbers")
+    try:
+        values = [float(v) for v in raw]
+    except (TypeError, ValueError) as exc:
+        raise ScorerFailed(f"scorer {name} returned something other than numbers: {exc}") from None
+    if len(values) != n:
+        raise ScorerFailed(f"scorer {name} returned {len(values)} scores for {n} items")
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            raise ScorerFailed(f"scorer {name} returned {value} for item {i}")
+    return values
+
+
+class Mix:
+    def __init__(self, scorers: list[Scorer], norms: dict[str, RunningNorm], stats: RewardStats):
+        self.scorers = scorers
+        self.norms = norms
+        self.stats = stats
+
+    async def score(self, items: list[Item]) -> list[Scored]:
+        results = await asyncio.gather(
+            *(self._run(s, items) for s in self.scorers), return_exceptions=True
+        )
+        for result in results:  # the first failure in configuration order decides the status
+            if isinstance(result, BaseException):
+                raise result
+        columns = []
+        for scorer, values in zip(self.scorers, results, strict=True):
+            norm = self.norms.get(scorer.name)
+            columns.append(norm(values) if norm is not None else values)
+        weights = [s.weight for s in self.scorers]
+        out = []
+        for parts in zip(*columns, strict=True):
+            total = math.fsum(w * p for w, p in zip(weights, parts, strict=True))
+            out.append(Scored(total, tuple(parts)))
+        return out
+
+    async def _run(self, scorer: Scorer, items: list[Item]) -> list[float]:
+        start = time.perf_counter()
+        try:
+            values = check_scores(scorer.name, await scorer.score(items), len(items))
+        except InvalidArgument:
+            raise  # the caller's input, not a scorer fault
+        except ServiceError:
+            self.stats.errors.labels(scorer.name).inc()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a user function may raise anything
+            self.stats.errors.labels(scorer.name).inc()
+            raise ScorerFailed(
+                f"scorer {scorer.name} failed: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from exc
+        finally:
+            self.stats.scorer_seconds.labels(scorer.name).observe(time.perf_counter() - start)
+        histogram = self.stats.scores.labels(scorer.name)
+        for value in values:
+            histogram.observe(value)
+        return values
