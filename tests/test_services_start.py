@@ -14,8 +14,6 @@ import pytest
 
 from rlhf import __version__
 from rlhf.v1 import (
-    policy_pb2,
-    policy_pb2_grpc,
     reward_pb2,
     reward_pb2_grpc,
     trainer_pb2,
@@ -35,14 +33,7 @@ async def _probe(port: int, name: str):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         overall = await health_status(ch)
         named = await health_status(ch, f"rlhf.v1.{name.capitalize()}Service")
-        if name == "policy":
-            info = await policy_pb2_grpc.PolicyServiceStub(ch).GetInfo(
-                policy_pb2.PolicyServiceGetInfoRequest(), timeout=5
-            )
-            pending = policy_pb2_grpc.PolicyServiceStub(ch).Generate(
-                policy_pb2.GenerateRequest(), timeout=5
-            )
-        elif name == "reward":
+        if name == "reward":
             info = await reward_pb2_grpc.RewardServiceStub(ch).GetInfo(
                 reward_pb2.RewardServiceGetInfoRequest(), timeout=5
             )

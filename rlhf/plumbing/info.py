@@ -10,10 +10,3 @@ def server_info(service: str, ready: bool) -> common_pb2.ServerInfo:
     return common_pb2.ServerInfo(
         service=service, version=__version__, api_version=API_VERSION, ready=ready
     )
-
-
-def not_yet(what: str, issue: int):
-    """For RPCs whose behaviour lands with a later issue: a clear UNIMPLEMENTED, not a stack."""
-    from rlhf.plumbing.errors import Unimplemented
-
-    return Unimplemented(f"{what} is not implemented yet (issue #{issue})")
