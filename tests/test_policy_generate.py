@@ -179,8 +179,9 @@ async def test_expired_deadline_aborts_the_engine_request(policy, monkeypatch):
     aborted.clear()
     call = stub(policy.channel).GenerateStream(policy_pb2.GenerateStreamRequest(
         prompt=text_prompt("go on"), params=long, adapter=base()))
-    async for _ in call:
-        break
+    async for chunk in call:
+        if chunk.token_ids:  # the engine request is running (the first message precedes it)
+            break
     call.cancel()
     for _ in range(100):
         if aborted and policy.app.engine.pending_requests() == 0:
