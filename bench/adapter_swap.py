@@ -31,6 +31,8 @@ async def run_mode(mode: str, adapters: list[Path], args) -> dict:
     latencies: dict[str, list[float]] = {"steady": [], "swap": []}
     first_served: dict[int, float] = {}
     failures: list[str] = []
+    load_seconds: list[float] = []  # server side: upload end to servable
+    push_seconds: list[float] = []  # client side: the whole PushAdapter call
     stop = asyncio.Event()
 
     async def client(i: int):
@@ -60,8 +62,10 @@ async def run_mode(mode: str, adapters: list[Path], args) -> dict:
         push_start: dict[int, float] = {}
         for version in range(1, args.pushes + 1):
             push_start[version] = time.perf_counter()
-            await push_adapter(channel, adapters[version % len(adapters)], "swap", version,
-                               base_id)
+            resp = await push_adapter(channel, adapters[version % len(adapters)], "swap",
+                                      version, base_id)
+            load_seconds.append(resp.load_seconds)
+            push_seconds.append(time.perf_counter() - push_start[version])
             await asyncio.sleep(args.gap)
         await asyncio.sleep(2.0)
         stop.set()
@@ -77,6 +81,8 @@ async def run_mode(mode: str, adapters: list[Path], args) -> dict:
         "versions_served": len(to_first),
         "push_to_first_served_p50_ms": round(1000 * C.percentile(to_first, 0.5), 1),
         "push_to_first_served_p99_ms": round(1000 * C.percentile(to_first, 0.99), 1),
+        "load_p50_ms": round(1000 * C.percentile(load_seconds, 0.5), 1),
+        "push_call_p50_ms": round(1000 * C.percentile(push_seconds, 0.5), 1),
         "failed_requests": len(failures),
         "steady_p99_ms": round(1000 * steady_p99, 1),
         "swap_p99_ms": round(1000 * swap_p99, 1),
