@@ -137,7 +137,12 @@ async def run_hot_swap(policy, adapters, name: str, versions: int = 12, clients:
         start = time.monotonic()
         await push_adapter(policy.channel, contents[version], name, version, "tiny", token=ADMIN)
         pushes[version] = (start, time.monotonic())
-        await asyncio.sleep(0.05)
+        # Let calls complete on this version before the next push, however slow the machine:
+        # 2 x clients completions include some that started after the switch.
+        target = len(calls) + 2 * clients
+        deadline = time.monotonic() + 120
+        while len(calls) < target and time.monotonic() < deadline and not failures:
+            await asyncio.sleep(0.02)
     await asyncio.sleep(0.3)
     done.set()
     await asyncio.gather(*tasks)
