@@ -164,3 +164,10 @@ async def run_hot_swap(policy, adapters, name: str, versions: int = 12, clients:
         seen.add(version)
     assert len(seen) >= versions // 2  # the load really overlapped the swaps
     return calls
+
+
+async def set_active(policy, name=None, version=0):
+    """SetActiveAdapter with the admin token; name None = the base model."""
+    req = policy_pb2.SetActiveAdapterRequest(
+        base=name is None, adapter=policy_pb2.AdapterRef(name=name or "", version=version))
+    return await stub(policy.channel).SetActiveAdapter(req, metadata=AUTH, timeout=60)

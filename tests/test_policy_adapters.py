@@ -19,11 +19,11 @@ from tests.policy_helpers import (
     ADMIN,
     AUTH,
     base,
-    greedy,
+    generate_greedy,
     hf_greedy,
-    ids_prompt,
     pinned,
     run_hot_swap,
+    set_active,
     stub,
     version_of,
 )
@@ -40,22 +40,14 @@ def policy(policy_lora):
 
 
 async def _gen(policy, selector=None, prompt=PROMPT, n_tokens=N_TOKENS):
-    req = policy_pb2.GenerateRequest(prompts=[ids_prompt(prompt)], params=greedy(n_tokens))
-    if selector is not None:
-        req.adapter.CopyFrom(selector)
-    resp = await stub(policy.channel).Generate(req, timeout=60)
-    result = resp.results[0]
-    return list(result.completions[0].token_ids), version_of(result.served_by)
+    return await generate_greedy(policy, n_tokens, selector, prompt)
 
 
 async def _push(policy, folder, name, version, **kw):
     return await push_adapter(policy.channel, folder, name, version, "tiny", token=ADMIN, **kw)
 
 
-async def _set_active(policy, name=None, version=0):
-    req = policy_pb2.SetActiveAdapterRequest(
-        base=name is None, adapter=policy_pb2.AdapterRef(name=name or "", version=version))
-    return await stub(policy.channel).SetActiveAdapter(req, metadata=AUTH, timeout=30)
+_set_active = set_active
 
 
 async def test_push_then_outputs_equal_hf_peft_and_base_equals_hf(policy, tiny_adapters):

@@ -10,12 +10,12 @@ from rlhf.adapter_push import push_adapter
 from rlhf.v1 import policy_pb2
 from tests.policy_helpers import (
     ADMIN,
-    AUTH,
     base,
     generate_greedy,
     hf_greedy,
     pinned,
     run_hot_swap,
+    set_active,
     stub,
 )
 
@@ -28,10 +28,7 @@ def policy(policy_merged):
     return policy_merged
 
 
-async def _set_active(policy, name=None, version=0):
-    req = policy_pb2.SetActiveAdapterRequest(
-        base=name is None, adapter=policy_pb2.AdapterRef(name=name or "", version=version))
-    return await stub(policy.channel).SetActiveAdapter(req, metadata=AUTH, timeout=60)
+_set_active = set_active
 
 
 async def test_merged_outputs_equal_hf_peft_and_rollback_restores(policy, tiny_adapters):
