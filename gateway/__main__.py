@@ -1,7 +1,6 @@
 """`python -m gateway`: same as `rlhf serve gateway`."""
 
-import sys
+from gateway.cli import command
 
 if __name__ == "__main__":
-    print("the gateway is not implemented yet (issue #6)", file=sys.stderr)
-    sys.exit(2)
+    command(prog_name="python -m gateway")

