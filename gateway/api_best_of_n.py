@@ -23,7 +23,7 @@ from gateway.state import Caller, RequestId, State
 router = APIRouter()
 
 
-@router.post("/v1/best-of-n", response_model=BestOfNResponse, response_model_exclude_none=True,
+@router.post("/v1/best-of-n", response_model=BestOfNResponse,
              summary="The best of n sampled answers, ranked by the reward model")
 async def best_of_n(body: BestOfNRequest, state: State, caller: Caller,
                     request_id: RequestId) -> BestOfNResponse:

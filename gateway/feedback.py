@@ -71,7 +71,7 @@ class DuplicateAnswer(ValueError):
 class StoredCandidate:
     index: int
     text: str
-    score: float
+    score: float | None
     finish_reason: str
 
 
@@ -129,8 +129,9 @@ class FeedbackStore:
 
     def export(self, kind: str) -> Iterator[dict]:
         """Training records for `rlhf train rm`: `preference` gives {prompt, chosen, rejected},
-        one pair per other candidate of each choice (identical texts skipped: they teach
-        nothing); `ratings` gives {prompt, response, rating}."""
+        one pair per other candidate of each choice; `ratings` gives {prompt, response, rating}.
+        Pairs of identical texts teach nothing, and blank texts are refused by the trainer's
+        reader: both are left out."""
         query = (select(feedback, answers.c.prompt, answers.c.candidates)
                  .join(answers, feedback.c.request_id == answers.c.request_id)
                  .order_by(feedback.c.id))
@@ -141,9 +142,11 @@ class FeedbackStore:
             if kind == "preference" and row.chosen_index is not None:
                 chosen = texts[row.chosen_index]
                 for i, other in enumerate(texts):
-                    if i != row.chosen_index and other != chosen:
+                    if i != row.chosen_index and other != chosen and other.strip() \
+                            and chosen.strip():
                         yield {"prompt": row.prompt, "chosen": chosen, "rejected": other,
                                "request_id": row.request_id}
-            elif kind == "ratings" and row.rating is not None:
+            elif (kind == "ratings" and row.rating is not None
+                  and texts[row.candidate_index].strip()):
                 yield {"prompt": row.prompt, "response": texts[row.candidate_index],
                        "rating": row.rating, "request_id": row.request_id}

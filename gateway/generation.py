@@ -71,16 +71,17 @@ def score_item(prompt: common_pb2.Prompt, completion: str) -> reward_pb2.ScoreIt
     return reward_pb2.ScoreItem(prompt=prompt_as_text(prompt), completion=completion)
 
 
-def rank(scores: Sequence[float]) -> list[int]:
-    """Indices from the highest score down; ties keep generation order, so a ranking is
-    reproducible for the same scores."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+def rank(scores: Sequence[float | None]) -> list[int]:
+    """Indices from the highest score down; unscored (None) last; ties keep generation order, so
+    a ranking is reproducible for the same scores."""
+    return sorted(range(len(scores)),
+                  key=lambda i: (scores[i] is None, -(scores[i] or 0.0), i))
 
 
 @dataclass
 class Ranked:
     result: policy_pb2.PromptResult
-    scores: list[float]
+    scores: list[float | None]  # None: an empty completion, which the reward service refuses
     order: list[int]  # indices into result.completions, best first
 
 
@@ -94,16 +95,19 @@ async def sample(upstreams: Upstreams, prompts: Sequence[common_pb2.Prompt],
 
 async def score_all(upstreams: Upstreams, prompts: Sequence[common_pb2.Prompt],
                     response: policy_pb2.GenerateResponse, request_id: str) -> list[Ranked]:
-    """Scores every completion of every prompt in one Score call and ranks each prompt's."""
-    items = [score_item(prompts[r.prompt_index], c.text)
-             for r in response.results for c in r.completions]
-    scores = await upstreams.score(items, request_id)
+    """Scores every non-empty completion of every prompt in one Score call and ranks each
+    prompt's. An empty completion (the model stopped at once) is not scored: it ranks last."""
+    items, where = [], []
+    for k, r in enumerate(response.results):
+        for i, c in enumerate(r.completions):
+            if c.text:
+                items.append(score_item(prompts[r.prompt_index], c.text))
+                where.append((k, i))
+    scores = await upstreams.score(items, request_id) if items else []
     if len(scores) != len(items):
         raise APIError(502, f"the reward service returned {len(scores)} scores for "
                             f"{len(items)} items", "upstream_error")
-    out, pos = [], 0
-    for r in response.results:
-        mine = scores[pos:pos + len(r.completions)]
-        pos += len(r.completions)
-        out.append(Ranked(r, mine, rank(mine)))
-    return out
+    table: list[list[float | None]] = [[None] * len(r.completions) for r in response.results]
+    for (k, i), score in zip(where, scores, strict=True):
+        table[k][i] = score
+    return [Ranked(r, mine, rank(mine)) for r, mine in zip(response.results, table, strict=True)]

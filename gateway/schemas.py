@@ -7,7 +7,20 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+def _utf8(value: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"), which protobuf strings cannot hold.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid UTF-8 text (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+TokenId = Annotated[int, Field(ge=0, lt=2**32)]
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(gt=0, le=1)]
@@ -23,7 +36,7 @@ class Strict(BaseModel):
 
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str = Field(min_length=1, max_length=200_000)
+    content: Text = Field(min_length=1, max_length=200_000)
 
 
 class Usage(BaseModel):
@@ -46,7 +59,7 @@ class ErrorResponse(BaseModel):
 # ---- best-of-n ----------------------------------------------------------------------------------
 
 class BestOfNRequest(Strict):
-    prompt: str | None = Field(None, min_length=1, max_length=200_000,
+    prompt: Text | None = Field(None, min_length=1, max_length=200_000,
                                description="Plain-text prompt (or give `messages`).")
     messages: list[Message] | None = Field(
         None, min_length=1, max_length=256,
@@ -56,8 +69,9 @@ class BestOfNRequest(Strict):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     seed: Seed | None = None
-    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=8)
-    model: str = Field("policy", description="`base`, `policy` (active adapter) or `policy@vN`.")
+    stop: list[Annotated[Text, Field(min_length=1)]] | None = Field(None, max_length=8)
+    model: Text = Field("policy", examples=["policy", "base"],
+                        description="`base`, `policy` (active adapter) or `policy@vN`.")
     return_candidates: bool = Field(False, description="Return every candidate with its score.")
 
     @model_validator(mode="after")
@@ -71,7 +85,7 @@ class Candidate(BaseModel):
     index: int = Field(description="Sample index (order of generation).")
     rank: int = Field(description="0 = highest reward.")
     text: str
-    score: float
+    score: float | None = Field(description="Reward; null for an empty completion (ranked last).")
     finish_reason: str
 
 
@@ -87,13 +101,13 @@ class BestOfNResponse(BaseModel):
 # ---- feedback -----------------------------------------------------------------------------------
 
 class FeedbackRequest(Strict):
-    request_id: str = Field(min_length=1, max_length=128)
+    request_id: Text = Field(min_length=1, max_length=128)
     chosen_index: int | None = Field(None, ge=0, le=1023,
                                      description="The candidate (its `index`) judged best.")
     rating: int | None = Field(None, ge=1, le=5, description="1 (bad) .. 5 (good).")
     candidate_index: int | None = Field(
         None, ge=0, le=1023, description="Which candidate `rating` is about (default: the best).")
-    comment: str | None = Field(None, max_length=4000)
+    comment: Text | None = Field(None, max_length=4000)
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -115,7 +129,7 @@ class FeedbackResponse(BaseModel):
 class OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: Text = Field(examples=["policy", "base"])
     max_tokens: MaxTokens | None = None
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
@@ -123,32 +137,32 @@ class OpenAIBase(BaseModel):
     best_of: Count | None = Field(
         None, description="Sample this many, return the n best by reward.")
     stream: bool = False
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: Seed | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    user: str | None = None
+    user: Text | None = None
     logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(OpenAIBase):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
     max_tokens: MaxTokens | None = 16
     logprobs: int | None = None
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 class ChatContentPart(BaseModel):
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ChatContentPart]
+    content: Text | list[ChatContentPart]
     name: str | None = None
 
 
