@@ -1,9 +1,15 @@
-"""`rlhf train ppo`: the learner as a batch job, with a live progress bar."""
+"""`rlhf train ppo`: the learner as a batch job, with a live progress bar.
+
+Data parallel on one node: `torchrun --nproc-per-node N -m rlhf.cli train ppo ...` (gloo; the
+learner computes on CPU). Rank 0 talks to the services, writes the run folder and shows progress;
+the other ranks share the forward and backward passes (see services/trainer/distributed.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -58,6 +64,7 @@ def _progress_hooks(total: int, start: int):
 @click.option("--admin-token", envvar="RLHF_POLICY_ADMIN_TOKEN", help="Policy admin token.")
 def train_ppo(config_file, **flags) -> None:
     from services.trainer.checkpoint import latest
+    from services.trainer.distributed import process_group
     from services.trainer.jsonl import DataError
     from services.trainer.learner import Learner
     from services.trainer.settings import RunSettings
@@ -67,19 +74,33 @@ def train_ppo(config_file, **flags) -> None:
     try:
         settings = RunSettings.load(config_file, **flags)
         settings.require_runnable()
-        done = 0
-        if latest(settings.out) is not None:
-            done = int(latest(settings.out).name.split("-")[1])
-            click.echo(f"resuming {settings.out} after step {done}", err=True)
-        bar, hooks = _progress_hooks(settings.steps, done)
-        learner = Learner(settings, hooks)
     except (ConfigError, DataError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from None
-    try:
-        asyncio.run(learner.run())
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted; the last checkpoint is kept, run again to resume", err=True)
-        sys.exit(130)
-    finally:
-        bar.close()
-    click.echo(str(settings.out / "metrics.jsonl"))
+    # Under torchrun the other ranks wait in a collective while rank 0 generates, scores and
+    # pushes, which may include waiting out an unavailable service: allow for that.
+    timeout = timedelta(seconds=max(1800.0, 4 * (settings.retry_max_seconds
+                                                 + settings.rpc_timeout_seconds)))
+    with process_group("gloo", timeout) as world:
+        bar = None
+        try:
+            hooks = None
+            if world.is_main:
+                done = 0
+                if latest(settings.out) is not None:
+                    done = int(latest(settings.out).name.split("-")[1])
+                    click.echo(f"resuming {settings.out} after step {done}", err=True)
+                bar, hooks = _progress_hooks(settings.steps, done)
+            learner = Learner(settings, hooks, world)
+        except (ConfigError, DataError, FileNotFoundError) as exc:
+            raise click.UsageError(str(exc)) from None
+        try:
+            asyncio.run(learner.run())
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted; the last checkpoint is kept, run again to resume",
+                       err=True)
+            sys.exit(130)
+        finally:
+            if bar is not None:
+                bar.close()
+    if world.is_main:
+        click.echo(str(settings.out / "metrics.jsonl"))

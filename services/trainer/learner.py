@@ -8,6 +8,12 @@
 With max_staleness >= 1, generation for step k+1 starts before step k trains (on the adapter
 version then served), so the two overlap; each rollout carries the version that produced it, and
 rollouts more than max_staleness versions behind are thrown away and regenerated.
+
+Under torchrun (services/trainer/distributed.py) rank 0 alone talks to the services: it generates
+and scores the whole global batch, sends it to the other ranks, and alone writes checkpoints and
+metrics and pushes adapters. Every rank computes the forward and backward passes of its share of
+the rows; gradients are summed over the ranks before each optimizer step, so all ranks hold the
+same weights and the update equals one process's on the same global batch.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import torch
 
 from services.trainer import checkpoint
 from services.trainer import ppo_math as pm
-from services.trainer.actor_critic import ActorCritic, make_batch
+from services.trainer.actor_critic import ActorCritic, Batch, make_batch
 from services.trainer.clients import Sample, Services
+from services.trainer.distributed import World, world
 from services.trainer.jsonl import read_prompts
 from services.trainer.settings import RunSettings
 
@@ -73,10 +80,12 @@ class DataCursor:
 
 
 class Learner:
-    def __init__(self, settings: RunSettings, hooks: Hooks | None = None):
+    def __init__(self, settings: RunSettings, hooks: Hooks | None = None,
+                 world_: World | None = None):
         settings.require_runnable()
         self.s = settings
         self.hooks = hooks or Hooks()
+        self.world = world_ or world()
         self.out = Path(settings.out)
         self.prompts = read_prompts(settings.prompts)
         self.stop_requested = False
@@ -85,11 +94,14 @@ class Learner:
         self.cursor = DataCursor()
         self.services: Services | None = None
         self.model: ActorCritic | None = None
+        self._mid_update = False  # inside a step's collectives (a failure there ends all ranks)
 
     # ------------------------------------------------------------------ set-up and resume
 
     def _build(self) -> None:
         s = self.s
+        # The same seed on every rank: the LoRA init and the minibatch order must agree across
+        # ranks. Sampling needs no per-rank seed: rank 0 alone samples, through the policy.
         torch.manual_seed(s.seed)
         random.seed(s.seed)
         self.model = ActorCritic(s.resolved_model(), lora_rank=s.lora_rank,
@@ -100,16 +112,21 @@ class Learner:
                        if s.target_kl else pm.FixedKLController(s.kl_coef))
 
     def _resume(self) -> Path | None:
-        folder = checkpoint.latest(self.out)
-        if folder is None:
-            return None
-        state = checkpoint.load(folder, model=self.model, optimizer=self.optimizer)
-        self.step = state["step"]
-        self.version = state["version"]
-        self.cursor = DataCursor(**state["cursor"])
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self._rewrite_metrics(state.get("metrics"))
-        log.info("resumed from %s at step %d (adapter v%d)", folder, self.step, self.version)
+        # Rank 0 picks the checkpoint and every rank loads that one (the run folder is on the
+        # node's disk); then the weights are synchronised from rank 0, as DDP does at start.
+        latest = checkpoint.latest(self.out) if self.world.is_main else None
+        folder = self.world.broadcast_object(latest)
+        if folder is not None:
+            state = checkpoint.load(folder, model=self.model, optimizer=self.optimizer)
+            self.step = state["step"]
+            self.version = state["version"]
+            self.cursor = DataCursor(**state["cursor"])
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+            if self.world.is_main:
+                self._rewrite_metrics(state.get("metrics"))
+            log.info("resumed from %s at step %d (adapter v%d)", folder, self.step,
+                     self.version)
+        self.world.broadcast_params(self.model.trainable_parameters())
         return folder
 
     def _rewrite_metrics(self, last: dict | None) -> None:
@@ -126,6 +143,11 @@ class Learner:
 
     async def run(self) -> None:
         s = self.s
+        if not self.world.is_main:
+            await asyncio.to_thread(self._build)
+            await asyncio.to_thread(self._resume)
+            await asyncio.to_thread(self._follow)
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         self.services = Services(
             s.policy_addr, s.reward_addr, s.adapter_name, timeout=s.rpc_timeout_seconds,
@@ -135,6 +157,17 @@ class Learner:
         )
         await asyncio.to_thread(self._build)
         resumed = await asyncio.to_thread(self._resume)
+        try:
+            await self._lead(resumed)
+        finally:
+            if self.world.size > 1 and not self._mid_update:
+                # The other ranks wait for the next batch: tell them the run is over (also when
+                # this rank failed between steps, so they exit instead of timing out).
+                await asyncio.to_thread(self.world.broadcast_object, None)
+
+    async def _lead(self, resumed: Path | None) -> None:
+        """Rank 0 (the only rank of a plain run): rollouts, training steps, checkpoints, pushes."""
+        s = self.s
         self.base_model_id = await self.services.base_model_id()
         if resumed is not None:
             # The checkpoint is written before the push, so its adapter may never have reached
@@ -184,7 +217,9 @@ class Learner:
 
     async def _train_step(self, rollouts: Rollouts, stale: list[int]) -> None:
         start = time.perf_counter()
-        stats = await asyncio.to_thread(self._update, rollouts.samples)
+        self._mid_update = True
+        stats = await asyncio.to_thread(self._update_all, rollouts.samples)
+        self._mid_update = False
         trained = time.perf_counter()
         self.step += 1
         version = self.version + 1
@@ -232,8 +267,37 @@ class Learner:
 
     # ------------------------------------------------------------------ the update (a thread)
 
+    def _update_all(self, samples: list[Sample]) -> dict:
+        """Rank 0: hand the step's global batch to the other ranks, then update with them."""
+        self.world.broadcast_object(samples)
+        return self._update(samples)
+
+    def _follow(self) -> None:
+        """Ranks > 0: take part in every step rank 0 trains, until it says the run is over."""
+        while (samples := self.world.broadcast_object()) is not None:
+            self._update(samples)
+            self.step += 1
+
+    def _sharded(self, fn, batch: Batch, rows: list[int], outputs: int = 1
+                 ) -> list[torch.Tensor]:
+        """fn(batch) -> `outputs` tensors [B, T], each rank computing fn on its `rows` only and
+        every rank getting the whole result (one process: fn(batch) itself)."""
+        world = self.world
+        if world.size == 1:
+            out = fn(batch)
+        elif rows:
+            out = fn(batch.rows(torch.tensor(rows)))
+        else:  # fewer rows than ranks: none here, but this rank joins the gathers
+            out = tuple(torch.zeros((0, batch.response_mask.shape[1])) for _ in range(outputs))
+        out = out if isinstance(out, tuple) else (out,)
+        return [world.gather_rows(x, rows, batch.input_ids.shape[0]) for x in out]
+
     def _update(self, samples: list[Sample]) -> dict:
-        s, model = self.s, self.model
+        s, model, world = self.s, self.model, self.world
+        # Every rank builds the whole global batch (same padding as one process) and computes
+        # the forward passes of its rows, `mine`; the gathered [B, T] results let every rank
+        # compute rewards, advantages (whitened over the batch) and statistics exactly as one
+        # process would.
         batch = make_batch([x.prompt_ids for x in samples], [x.completion_ids for x in samples],
                            model.pad_id)
         mask = batch.response_mask                              # [B, T]
@@ -241,11 +305,15 @@ class Learner:
         behaviour = torch.zeros_like(mask)
         for i, x in enumerate(samples):
             behaviour[i, : len(x.behaviour_logprobs)] = torch.tensor(x.behaviour_logprobs)
+        n = len(samples)
+        mine = world.shard(n)
 
         with torch.no_grad():
-            old_logp, entropy = model.policy_logprobs(batch)    # [B, T]
-            ref_logp = model.reference_logprobs(batch)          # [B, T]
-            old_values = model.values(batch) if s.algo == "ppo" else None
+            old_logp, entropy = self._sharded(model.policy_logprobs, batch, mine, 2)  # [B, T]
+            (ref_logp,) = self._sharded(model.reference_logprobs, batch, mine)        # [B, T]
+            old_values = None
+            if s.algo == "ppo":
+                (old_values,) = self._sharded(model.values, batch, mine)              # [B, T]
         kl_tokens = pm.approx_kl(s.kl_estimator, old_logp, ref_logp) * mask
         kl_per_seq = kl_tokens.sum(-1)                          # [B]
         if s.algo == "ppo":
@@ -261,37 +329,54 @@ class Learner:
             advantages = seq_adv[:, None].expand_as(mask) * mask
             returns = None
 
-        sums: dict[str, float] = {}
+        reported = ("policy_loss", "value_loss", "clipfrac", "approx_kl")
+        sums = dict.fromkeys(reported, 0.0)
         updates = 0
         params = model.trainable_parameters()
-        n = len(samples)
         for _ in range(s.ppo_epochs):
-            for idx in torch.randperm(n).split(s.minibatch_size):
-                mb = batch.rows(idx)
-                logp, _ = model.policy_logprobs(mb)
-                pg_loss, pg_stats = pm.ppo_policy_loss(logp, old_logp[idx], advantages[idx],
-                                                       mb.response_mask, s.clip_range)
-                loss = pg_loss
-                if s.algo != "ppo" and self.kl_ctl.value > 0:
-                    # GRPO/RLOO keep the reference close with a k3 penalty in the loss.
-                    kl_term = pm.masked_mean(pm.kl_k3(logp, ref_logp[idx]), mb.response_mask)
-                    loss = loss + self.kl_ctl.value * kl_term
-                loss.backward()
-                vf_loss = torch.tensor(0.0)
-                if s.algo == "ppo":
-                    values = model.values(mb)
-                    vf_loss, vf_stats = pm.clipped_value_loss(
-                        values, old_values[idx], returns[idx], mb.response_mask,
-                        s.clip_range_value)
-                    (s.vf_coef * vf_loss).backward()
-                    pg_stats.update(vf_stats)
+            # The same minibatches on every rank (rank 0's order); each rank computes the rows
+            # of each minibatch that it owns.
+            for idx in world.broadcast_(torch.randperm(n)).split(s.minibatch_size):
+                own = world.own(idx)
+                # The losses are means over the minibatch's tokens: a rank's part of that mean
+                # is its mean times its share of the tokens, and the parts' gradients add up
+                # (all_reduce_grads) to the gradient of the whole minibatch's loss.
+                share = (mask[own].sum() / mask[idx].sum().clamp_min(1.0) if world.size > 1
+                         else 1.0)
+                part = dict.fromkeys(reported, 0.0)
+                if len(own):
+                    mb = batch.rows(own)
+                    logp, _ = model.policy_logprobs(mb)
+                    pg_loss, pg_stats = pm.ppo_policy_loss(logp, old_logp[own], advantages[own],
+                                                           mb.response_mask, s.clip_range)
+                    loss = pg_loss
+                    if s.algo != "ppo" and self.kl_ctl.value > 0:
+                        # GRPO/RLOO keep the reference close with a k3 penalty in the loss.
+                        kl_term = pm.masked_mean(pm.kl_k3(logp, ref_logp[own]),
+                                                 mb.response_mask)
+                        loss = loss + self.kl_ctl.value * kl_term
+                    (loss * share).backward()
+                    vf_loss = torch.tensor(0.0)
+                    if s.algo == "ppo":
+                        values = model.values(mb)
+                        vf_loss, vf_stats = pm.clipped_value_loss(
+                            values, old_values[own], returns[own], mb.response_mask,
+                            s.clip_range_value)
+                        (s.vf_coef * vf_loss * share).backward()
+                        pg_stats.update(vf_stats)
+                    part.update({"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
+                                 "clipfrac": pg_stats["clipfrac"],
+                                 "approx_kl": pg_stats["approx_kl"]})
+                world.all_reduce_grads(params)
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                for key, value in {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
-                                   **pg_stats}.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                for key in reported:
+                    sums[key] += part[key] * float(share)
                 updates += 1
+        if world.size > 1:  # each rank holds its share of every minibatch's figures
+            total = world.sum_(torch.tensor([sums[k] for k in reported], dtype=torch.float64))
+            sums = dict(zip(reported, total.tolist(), strict=True))
         mean_kl = float(kl_per_seq.mean())
         self.kl_ctl.update(mean_kl, n)
         mismatch = pm.masked_mean((behaviour - old_logp).abs(), mask)

@@ -11,6 +11,12 @@ sample of dropout masks, and training becomes exactly reproducible (and resumabl
 The output folder is what `rm:PATH` serves: a peft adapter over the backbone (LoRA) or a full
 model, its tokenizer, and `rlhf_reward.json` (input format, bins). Checkpoints go to
 OUT/checkpoint and a second run resumes from the last one (more --epochs continue training).
+
+Data parallel: `torchrun --nproc-per-node N -m rlhf.cli train rm ...` (gloo on CPU, NCCL with one
+GPU per rank). Every rank sees the same batches; each computes its share of every batch and the
+gradients are summed over the ranks (services/trainer/distributed.py), so a step is the
+one-process step on the whole batch. `--batch-size` stays the global batch; rank 0 alone
+evaluates, writes checkpoints, metrics and the model.
 """
 
 from __future__ import annotations
@@ -251,8 +257,11 @@ def _is_head(name: str, head: list[str]) -> bool:
 
 class RewardTrainer:
     def __init__(self, settings: Settings, echo=click.echo):
+        from services.trainer.distributed import world
+
         self.s = settings
-        self.echo = echo
+        self.ranks = world()
+        self.echo = echo if self.ranks.is_main else (lambda *args, **kwargs: None)
 
     def _warn(self, message: str) -> None:
         self.echo(message, err=True)
@@ -284,6 +293,8 @@ class RewardTrainer:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         else:
             self.device = s.device
+        if self.device == "cuda" and self.ranks.size > 1:
+            self.device = f"cuda:{self.ranks.local_rank}"  # one GPU per rank under torchrun
         model, tokenizer, head = build_model(s, backbone, num_labels)
         self.model, self.tokenizer, self.head = model.to(self.device), tokenizer, head
         self.format = default_format(tokenizer)
@@ -298,13 +309,18 @@ class RewardTrainer:
 
     def _initial_state(self, ckpt_dir: Path, fingerprint: dict) -> dict:
         s = self.s
-        if s.restart and ckpt_dir.exists():
+        if s.restart and ckpt_dir.exists() and self.ranks.is_main:
             for f in ckpt_dir.iterdir():
                 f.unlink()
+        self.ranks.barrier()  # every rank sees the same checkpoint (or none)
         if (ckpt_dir / "state.pt").exists():
-            return self._resume(ckpt_dir, fingerprint)
-        (s.out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-        return {"epoch": 0, "step": 0, "global_step": 0, "history": []}
+            state = self._resume(ckpt_dir, fingerprint)
+        else:
+            if self.ranks.is_main:
+                (s.out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run, a fresh log
+            state = {"epoch": 0, "step": 0, "global_step": 0, "history": []}
+        self.ranks.broadcast_params([p for p in self.model.parameters() if p.requires_grad])
+        return state
 
     def run(self) -> list[dict]:
         """Trains (or resumes) to --epochs and saves the model; returns the epoch history."""
@@ -338,14 +354,17 @@ class RewardTrainer:
                 self.echo(f"stopped after {state['global_step']} steps (--max-steps); run again "
                           "to resume")
                 return state["history"]
-            record = {"epoch": epoch + 1, **state.pop("epoch_stats"), **self.evaluate(val)}
+            evaluated = self.evaluate(val) if self.ranks.is_main else {}
+            record = {"epoch": epoch + 1, **state.pop("epoch_stats"), **evaluated}
             state["history"].append(record)
             state.update(epoch=epoch + 1, step=0)
             self._save_checkpoint(ckpt_dir, fingerprint, state)
             self.echo(_describe(record))
-            with (s.out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        self._save_model(backbone, state["history"])
+            if self.ranks.is_main:
+                with (s.out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if self.ranks.is_main:
+            self._save_model(backbone, state["history"])
         self.echo(f"saved reward model to {s.out} (serve it with --scorer rm:{s.out})")
         return state["history"]
 
@@ -384,16 +403,19 @@ class RewardTrainer:
         batches = self._batches(train, epoch)
         stats = state.setdefault("running", {"loss": 0.0, "correct": 0.0, "n": 0, "steps": 0})
         self.model.train()
-        with _progress(s.progress, f"epoch {epoch + 1}/{s.epochs}", steps_per_epoch,
-                       state["step"]) as advance:
+        with _progress(s.progress and self.ranks.is_main, f"epoch {epoch + 1}/{s.epochs}",
+                       steps_per_epoch, state["step"]) as advance:
             for step in range(state["step"], len(batches)):
                 if s.max_steps is not None and state["global_step"] >= s.max_steps:
                     self._save_checkpoint(ckpt_dir, fingerprint, state)
                     return False
                 batch = batches[step]
-                loss, correct, _ = self._loss(batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if self.ranks.size == 1:
+                    loss, correct, _ = self._loss(batch)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                else:
+                    loss, correct = self._ranks_backward(batch)
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in self.model.parameters() if p.requires_grad], 1.0)
                 self.optimizer.step()
@@ -411,6 +433,26 @@ class RewardTrainer:
         acc_name = "train_accuracy" if self.preference else "train_bin_accuracy"
         state["epoch_stats"] = {"train_loss": running["loss"] / n, acc_name: running["correct"] / n}
         return True
+
+    def _ranks_backward(self, batch: list):
+        """One data-parallel backward pass over the global `batch`: this rank computes items
+        rank, rank + size, ..., weights its mean loss by its share of the items, and gradients
+        are summed over the ranks, giving the gradient of the whole batch's mean loss.
+        Returns (that loss, correct count over the batch), the same on every rank."""
+        import torch
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        mine = batch[self.ranks.rank::self.ranks.size]
+        self.optimizer.zero_grad(set_to_none=True)
+        figures = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, correct
+        if mine:
+            loss, correct, _ = self._loss(mine)
+            (loss * (len(mine) / len(batch))).backward()
+            figures += torch.tensor([float(loss.detach()) * len(mine) / len(batch), correct],
+                                    dtype=torch.float64, device=self.device)
+        self.ranks.all_reduce_grads(params)
+        loss, correct = self.ranks.sum_(figures).tolist()
+        return torch.tensor(loss), correct
 
     def evaluate(self, val: list) -> dict:
         """Validation loss and pairwise accuracy (for ratings: concordance of the expected
@@ -448,6 +490,8 @@ class RewardTrainer:
     def _save_checkpoint(self, ckpt_dir: Path, fingerprint: dict, state: dict) -> None:
         import torch
 
+        if not self.ranks.is_main:  # the same weights and optimizer on every rank
+            return
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         payload = {"fingerprint": fingerprint, "state": state,
                    "trainable": self._trainable_state(),
@@ -594,19 +638,24 @@ class _progress:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train_rm(threads: int, **options):
     """Train a reward model (Bradley-Terry on pairs, or binned ratings)."""
-    if threads:
-        import torch
+    import torch
 
+    from services.trainer.distributed import process_group
+
+    if threads:
         torch.set_num_threads(threads)
     options["lora_targets"] = list(options["lora_targets"])
     settings = Settings(**options)
     settings.out.mkdir(parents=True, exist_ok=True)
-    try:
-        RewardTrainer(settings).run()
-    except DataError as exc:
-        click.echo(f"error: bad training data:\n{exc}", err=True)
-        sys.exit(1)
-    except TrainError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    cuda = settings.device.startswith("cuda") or (settings.device == "auto"
+                                                  and torch.cuda.is_available())
+    with process_group("nccl" if cuda else "gloo"):
+        try:
+            RewardTrainer(settings).run()
+        except DataError as exc:
+            click.echo(f"error: bad training data:\n{exc}", err=True)
+            sys.exit(1)
+        except TrainError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
 

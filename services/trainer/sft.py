@@ -18,6 +18,11 @@ Prompt and response are tokenized apart, as at generation time (the policy token
 the model adds the response), so training sees the token boundary that sampling will.
 
 From Python: `run_sft(SFTConfig(...)) -> Path`. `train_sft` is the click command (`rlhf train sft`).
+
+Data parallel: `torchrun --nproc-per-node N -m rlhf.cli train sft ...` (gloo on CPU, NCCL with one
+GPU per rank). Every rank reads the same rows in the same order; each computes its share of every
+batch and gradients are summed over the ranks (services/trainer/distributed.py), so a step is the
+one-process step on the whole batch. `--batch-size` stays the global batch; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -253,12 +258,15 @@ def _check_out(out: Path) -> Path:
     return out
 
 
-def _resolve_device(name: str):
+def _resolve_device(name: str, local_rank: int = 0):
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and local_rank:
+        device = torch.device("cuda", local_rank)  # one GPU per rank under torchrun
+    return device
 
 
 def _say(message: str) -> None:
@@ -277,7 +285,10 @@ def run_sft(config: SFTConfig) -> Path:
     from transformers import AutoModelForCausalLM
 
     from rlhf.models._fs import atomic_dir
+    from services.trainer.distributed import world
 
+    ranks = world()
+    say = _say if ranks.is_main else (lambda message: None)
     out = _check_out(config.out)
     records = read_sft(config.data)
     tokenizer = _load_tokenizer(config.model)
@@ -291,10 +302,10 @@ def run_sft(config: SFTConfig) -> Path:
         raise DataError(errors)
     made = _make_rows(examples, config)
     if made.truncated:
-        _say(f"sft: {made.truncated} of {len(examples)} examples were longer than "
+        say(f"sft: {made.truncated} of {len(examples)} examples were longer than "
              f"--max-length {config.max_length} and were cut")
     if made.dropped:
-        _say(f"sft: {made.dropped} examples had no response token left after the cut and are "
+        say(f"sft: {made.dropped} examples had no response token left after the cut and are "
              "not trained on")
     rows = made.rows
     if not rows:
@@ -303,8 +314,8 @@ def run_sft(config: SFTConfig) -> Path:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
 
-    device = _resolve_device(config.device)
-    torch.manual_seed(config.seed)  # the LoRA A init
+    device = _resolve_device(config.device, ranks.local_rank)
+    torch.manual_seed(config.seed)  # the LoRA A init (the same on every rank)
     model = AutoModelForCausalLM.from_pretrained(str(config.model), dtype=torch.float32)
     lora = LoraConfig(
         r=config.lora_r,
@@ -321,16 +332,18 @@ def run_sft(config: SFTConfig) -> Path:
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    ranks.broadcast_params(params)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
     order = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(rows) / config.batch_size)
-    _say(f"sft: {len(records)} examples -> {len(rows)} row(s)"
+    say(f"sft: {len(records)} examples -> {len(rows)} row(s)"
          f"{f' of {config.max_length} tokens' if config.packing else ''}, "
-         f"{steps_per_epoch} steps/epoch x {config.epochs} epochs on {device}")
+         f"{steps_per_epoch} steps/epoch x {config.epochs} epochs on {device}"
+         + (f" x {ranks.size} ranks" if ranks.size > 1 else ""))
     metrics: list[dict] = []
     bar = tqdm(total=steps_per_epoch * config.epochs, desc="sft", unit="step",
-               disable=not config.progress, dynamic_ncols=True)
+               disable=not (config.progress and ranks.is_main), dynamic_ncols=True)
     try:
         for epoch in range(1, config.epochs + 1):
             started = time.perf_counter()
@@ -338,22 +351,26 @@ def run_sft(config: SFTConfig) -> Path:
             perm = torch.randperm(len(rows), generator=order).tolist()
             for start in range(0, len(rows), config.batch_size):
                 batch = [rows[i] for i in perm[start:start + config.batch_size]]
-                input_ids, attention_mask, loss_mask = (
-                    t.to(device) for t in collate(batch, pad_id)
-                )
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-                loss, n_tokens = sft_loss(logits, input_ids, loss_mask)
-                if n_tokens == 0:  # a packed batch of prompt tokens only: nothing to learn
-                    bar.update(1)
-                    continue
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if ranks.size == 1:
+                    loss, n_tokens = _batch_loss(model, batch, pad_id, device)
+                    if n_tokens == 0:  # a packed batch of prompt tokens only: nothing to learn
+                        bar.update(1)
+                        continue
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    step_loss = loss.item()
+                else:
+                    step_loss, n_tokens = _ranks_backward(model, batch, pad_id, device, ranks,
+                                                          optimizer, params)
+                    if n_tokens == 0:
+                        bar.update(1)
+                        continue
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
-                loss_sum += loss.item() * n_tokens
+                loss_sum += step_loss * n_tokens
                 token_sum += n_tokens
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
+                bar.set_postfix(epoch=epoch, loss=f"{step_loss:.4f}")
             epoch_loss = loss_sum / max(token_sum, 1)
             metrics.append({
                 "epoch": epoch,
@@ -362,12 +379,15 @@ def run_sft(config: SFTConfig) -> Path:
                 "steps": steps_per_epoch,
                 "seconds": round(time.perf_counter() - started, 3),
             })
-            tqdm.write(f"sft: epoch {epoch}/{config.epochs} loss {epoch_loss:.4f}",
-                       file=sys.stderr)
+            if ranks.is_main:
+                tqdm.write(f"sft: epoch {epoch}/{config.epochs} loss {epoch_loss:.4f}",
+                           file=sys.stderr)
     finally:
         bar.close()
 
     model.eval()
+    if not ranks.is_main:  # the weights are the same on every rank; rank 0 writes them
+        return out
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
         with open(tmp / METRICS_FILE, "w") as fh:
@@ -377,6 +397,39 @@ def run_sft(config: SFTConfig) -> Path:
         config_json["target_modules"] = list(config.target_modules)
         (tmp / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
     return out
+
+
+def _batch_loss(model, rows: Sequence[Example], pad_id: int, device):
+    """(mean loss over the target tokens of `rows`, their number) from one forward pass."""
+    input_ids, attention_mask, loss_mask = (t.to(device) for t in collate(rows, pad_id))
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return sft_loss(logits, input_ids, loss_mask)
+
+
+def _ranks_backward(model, batch: Sequence[Example], pad_id: int, device, ranks, optimizer,
+                    params) -> tuple[float, int]:
+    """One data-parallel backward pass over the global `batch`: this rank computes rows
+    rank, rank + size, ..., weights its mean loss by its share of the batch's target tokens, and
+    the gradients are summed over the ranks, giving the gradient of the whole batch's mean loss.
+    Returns (that loss, the batch's target tokens); 0 tokens: nothing was computed."""
+    import torch
+
+    def targets(row: Example) -> int:
+        return sum(row.loss_mask[1:])  # position 0 is never a target
+
+    n_tokens = sum(targets(r) for r in batch)  # the same number on every rank
+    if n_tokens == 0:
+        return 0.0, 0
+    mine = list(batch[ranks.rank::ranks.size])
+    optimizer.zero_grad(set_to_none=True)
+    part = torch.zeros((), dtype=torch.float64)
+    local = sum(targets(r) for r in mine)
+    if local:
+        loss, _ = _batch_loss(model, mine, pad_id, device)
+        (loss * (local / n_tokens)).backward()
+        part += loss.item() * local / n_tokens
+    ranks.all_reduce_grads(params)
+    return float(ranks.sum_(part.to(params[0].device))), n_tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,8 +478,13 @@ def train_sft(model, data, out, epochs, lr, batch_size, max_length, lora_r, lora
         max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha,
         target_modules=target_modules, seed=seed, packing=not no_packing,
     )
-    try:
-        folder = run_sft(config)
-    except (DataError, SFTError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(str(folder))
+    from services.trainer.distributed import process_group
+
+    backend = "nccl" if _resolve_device(config.device).type == "cuda" else "gloo"
+    with process_group(backend) as ranks:
+        try:
+            folder = run_sft(config)
+        except (DataError, SFTError) as exc:
+            raise click.ClickException(str(exc)) from None
+    if ranks.is_main:
+        click.echo(str(folder))
