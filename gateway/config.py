@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from rlhf.plumbing.config import CommaList, Settings
+from rlhf.plumbing.config import AddressList, Settings
 
 
 class GatewayConfig(Settings):
@@ -13,13 +13,13 @@ class GatewayConfig(Settings):
     service = "gateway"
 
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
-    policy_addr: CommaList = Field(
+    policy_addr: AddressList = Field(
         default_factory=lambda: ["127.0.0.1:50051"],
         description="Policy replicas: host:port list or a dns:/// name (balanced per call).")
-    reward_addr: CommaList = Field(
+    reward_addr: AddressList = Field(
         default_factory=lambda: ["127.0.0.1:50052"],
         description="Reward replicas: host:port list or a dns:/// name (balanced per call).")
-    api_keys: CommaList = Field(
+    api_keys: AddressList = Field(
         default_factory=list,
         description="Bearer keys accepted (comma separated); none = open, with a warning.")
     rate_limit_per_minute: float = Field(

@@ -412,3 +412,22 @@ async def test_load_concurrency_32_without_errors(gw):
     codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", report))
     assert codes == {"200": "160"}, report
     assert "Error distribution" not in report, report
+
+
+async def test_calls_are_balanced_per_call_across_reward_replicas(policy_lora, reward, tmp_path):
+    # Two replicas that score the same text differently tell which one answered each call.
+    other = await start_reward(["rule:length?target=3&unit=chars"])
+    gw = start_gateway(tmp_path, policy_lora.addr,
+                       f"127.0.0.1:{reward.server.port},127.0.0.1:{other.server.port}")
+    try:
+        seen = set()
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
+            for _ in range(6):
+                r = await c.post("/v1/best-of-n", json={"prompt": "Same prompt", "n": 1,
+                                                        "max_tokens": 6, "temperature": 0})
+                assert r.status_code == 200, r.text
+                seen.add((r.json()["best"]["text"], r.json()["best"]["score"]))
+        assert len({text for text, _ in seen}) == 1 and len(seen) == 2, seen
+    finally:
+        gw.stop()
+        await other.close()

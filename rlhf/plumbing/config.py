@@ -40,6 +40,17 @@ def _split_commas(value: Any) -> Any:
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 
 
+def _split_every_item(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [part for item in value for part in _split_commas(item)]
+    return _split_commas(value)
+
+
+# Addresses and keys never contain commas, so every item is split too: `--policy-addr a,b`,
+# `--policy-addr a --policy-addr b` and `RLHF_..._POLICY_ADDR=a,b` all mean the same.
+AddressList = Annotated[list[str], NoDecode, BeforeValidator(_split_every_item)]
+
+
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """A YAML file that must hold a mapping; errors name the file."""
     try:

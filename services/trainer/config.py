@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from rlhf.plumbing.config import CommaList, ServiceConfig
+from rlhf.plumbing.config import AddressList, ServiceConfig
 
 
 class TrainerConfig(ServiceConfig):
@@ -16,10 +16,10 @@ class TrainerConfig(ServiceConfig):
 
     grpc_port: int = Field(50053, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(9103, ge=0, le=65535, description="Prometheus port; 0 = free one.")
-    policy_addr: CommaList = Field(
+    policy_addr: AddressList = Field(
         default_factory=list, description="Policy replicas: host:port (repeatable) or dns:///name."
     )
-    reward_addr: CommaList = Field(
+    reward_addr: AddressList = Field(
         default_factory=list, description="Reward replicas: host:port (repeatable) or dns:///name."
     )
     model: Path | None = Field(None, description="Base model folder for runs that name none.")

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rlhf.plumbing.config import ConfigError, read_yaml_mapping
+from rlhf.plumbing.config import AddressList, ConfigError, read_yaml_mapping
 
 
 class RunSettings(BaseModel):
@@ -21,8 +21,8 @@ class RunSettings(BaseModel):
     model: Path | None = Field(None, description="Base model folder (default: prepared SmolLM2).")
     init_adapter: Path | None = Field(None, description="SFT adapter to start from.")
     prompts: Path | None = Field(None, description="Prompts JSONL ({prompt} or {messages}).")
-    policy_addr: list[str] = Field(default_factory=list)
-    reward_addr: list[str] = Field(default_factory=list)
+    policy_addr: AddressList = Field(default_factory=list)
+    reward_addr: AddressList = Field(default_factory=list)
     out: Path | None = Field(None, description="Run folder: checkpoints, metrics.jsonl, adapters.")
     steps: int = Field(20, ge=1)
     prompts_per_step: int = Field(8, ge=1)
