@@ -28,7 +28,8 @@ log = logging.getLogger("rlhf.gateway")
 # Documented on every route, so clients (and schemathesis) know each status we may answer.
 _ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in {
     400: "Invalid parameters", 401: "Missing or invalid API key", 404: "Unknown model or id",
-    409: "Request id already used", 413: "Body too large", 429: "Rate limited (see Retry-After)",
+    409: "Request id already used, or the policy can't serve that model as configured",
+    413: "Body too large", 429: "Rate limited (see Retry-After)",
     500: "Internal error", 502: "Upstream failed", 503: "Upstream unavailable or overloaded",
     504: "Upstream timed out"}.items()}
 

@@ -66,6 +66,10 @@ _UPSTREAM = {
 
 def from_upstream(service: str, err: grpc.aio.AioRpcError) -> APIError:
     status, code = _UPSTREAM.get(err.code(), (502, "upstream_error"))
+    if service == "policy" and err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+        # The policy can't serve what was asked in its current state (a merged-mode replica
+        # asked for the base model): the request conflicts with the server's state.
+        status, code = 409, "model_unavailable"
     detail = err.details() or err.code().name
     if status == 504:
         message = f"the {service} service did not answer in time ({detail})"

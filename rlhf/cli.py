@@ -1,11 +1,7 @@
-"""The `rlhf` command: serve the services, run training stages, prepare models.
-
-Subcommands whose behaviour lands with a later issue say so and exit with status 2.
-"""
+"""The `rlhf` command: serve the services, run the stack (`up`, `demo`), run training stages,
+prepare models."""
 
 from __future__ import annotations
-
-import sys
 
 import click
 
@@ -31,17 +27,6 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
 
-def _not_yet(name: str, issue: int, help_text: str) -> click.Command:
-    @click.command(name, help=f"{help_text} (not implemented yet: issue #{issue})",
-                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def cmd():
-        click.echo(f"rlhf: '{name}' is not implemented yet (issue #{issue})", err=True)
-        sys.exit(2)
-
-    return cmd
-
-
-# `up` and `demo` keep their heavy imports inside, so listing them costs nothing.
 @click.group(cls=LazyGroup, help=__doc__,
              lazy={"up": ("rlhf.up", "up"), "demo": ("rlhf.demo", "demo")})
 @click.version_option(__version__, prog_name="rlhf")

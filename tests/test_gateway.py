@@ -431,3 +431,18 @@ async def test_calls_are_balanced_per_call_across_reward_replicas(policy_lora, r
     finally:
         gw.stop()
         await other.close()
+
+
+async def test_model_a_merged_policy_cannot_serve_is_409(policy_merged, reward, tmp_path):
+    gw = start_gateway(tmp_path, policy_merged.addr, f"127.0.0.1:{reward.server.port}")
+    try:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
+            r = await c.post("/v1/best-of-n", json={"prompt": "x", "n": 1, "max_tokens": 2,
+                                                    "model": "base"})
+            err = assert_error_shape(r, 409)
+            assert err["code"] == "model_unavailable" and "base" in err["message"]
+            ok = await c.post("/v1/best-of-n", json={"prompt": "x", "n": 1, "max_tokens": 2,
+                                                     "model": "policy"})
+            assert ok.status_code == 200, ok.text
+    finally:
+        gw.stop()

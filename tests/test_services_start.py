@@ -133,12 +133,3 @@ def test_policy_without_a_model_fails_with_a_message(tmp_path):
     assert "rlhf model prepare" in out
     assert "Traceback" not in out
 
-
-def test_not_yet_commands_say_so():
-    from click.testing import CliRunner
-
-    from rlhf.cli import main
-
-    result = CliRunner().invoke(main, ["up", "--steps", "3"])
-    assert result.exit_code == 2
-    assert "not implemented yet (issue #7)" in result.output

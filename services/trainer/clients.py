@@ -56,6 +56,10 @@ class PushResult:
     refused: dict[str, str] = field(default_factory=dict)
 
 
+# Refusals that mean "not reachable right now" rather than "this adapter is refused".
+_WAIT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
 async def with_retry(what: str, call: Callable[[], Awaitable], max_seconds: float,
                      on_wait: Callable[[str], None] | None = None,
                      on_recover: Callable[[], None] | None = None):
@@ -175,13 +179,15 @@ class Services:
 
     async def push(self, folder: Path, version: int, base_model_id: str, token: str | None,
                    quorum: float, attempts: int = 5) -> PushResult:
-        """Pushes to every replica; retries refusals; returns once `quorum` of them confirmed
-        (the others are recorded), or raises GaveUp."""
+        """Pushes to every replica; returns once `quorum` of them confirmed (the others are
+        recorded), or raises GaveUp. Refusals are retried `attempts` times; while the quorum is
+        not met because replicas are unreachable (restarting), the run waits for them up to
+        retry_max seconds, like every other call to a service."""
         targets = endpoints(self.policy_addr)
         result = PushResult(version)
         pending = list(targets)
-        delay = 0.5
-        for attempt in range(attempts):
+        delay, deadline, attempt, waited = 0.5, time.monotonic() + self.retry_max, 0, False
+        while pending:
             outcomes = await asyncio.gather(*(self._push_one(ep, folder, version, base_model_id,
                                                              token) for ep in pending))
             still = []
@@ -192,12 +198,27 @@ class Services:
                 else:
                     result.refused[ep] = error
                     still.append(ep)
-            pending = still
+            pending, attempt = still, attempt + 1
             if not pending:
                 break
-            if attempt + 1 < attempts:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+            quorum_met = len(result.confirmed) >= quorum * len(targets)
+            unreachable = all(result.refused[ep].startswith(_WAIT_CODES) for ep in pending)
+            if attempt >= attempts and (quorum_met or not unreachable):
+                break
+            if time.monotonic() + delay > deadline:
+                break
+            if not quorum_met and unreachable and attempt >= attempts:
+                message = (f"policy push v{version}: {len(pending)} replica(s) unreachable "
+                           f"({'; '.join(result.refused[ep] for ep in pending)}); waiting")
+                log.warning(message)
+                if self.on_wait is not None:
+                    self.on_wait(message)
+                waited = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        if waited and self.on_recover is not None \
+                and len(result.confirmed) >= quorum * len(targets):
+            self.on_recover()
         if len(result.confirmed) < quorum * len(targets):
             raise GaveUp(f"adapter v{version} confirmed by {len(result.confirmed)} of "
                          f"{len(targets)} replicas (quorum {quorum}); refusals: {result.refused}")
