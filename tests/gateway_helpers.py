@@ -106,7 +106,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-async def push_policy_version(policy, adapter_dir: Path, version: int, name: str = "policy"):
+async def push_policy_version(policy, adapter_dir: Path, version: int, name: str):
     """Loads an adapter on the test policy without making it active (other tests rely on the
     active version)."""
     from tests.policy_helpers import ADMIN

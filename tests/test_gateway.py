@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 # Length rule: candidates of different lengths get different scores, so the ranking is visible.
 SCORER = "rule:length?target=24&unit=chars"
 PINNED_VERSION = 7
+ADAPTER = "gateway-test"
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,11 @@ async def reward():
 
 @pytest.fixture(scope="module")
 async def gw(policy_lora, reward, tmp_path_factory, tiny_adapters):
-    await push_policy_version(policy_lora, tiny_adapters[0], PINNED_VERSION)
+    # Its own adapter name: the trainer tests share this policy and train "policy" from v1.
+    await push_policy_version(policy_lora, tiny_adapters[0], PINNED_VERSION, name=ADAPTER)
     thread = start_gateway(tmp_path_factory.mktemp("gw"), policy_lora.addr,
                            f"127.0.0.1:{reward.server.port}", max_n=8,
-                           default_max_tokens=16)
+                           default_max_tokens=16, adapter_name=ADAPTER)
     yield thread
     thread.stop()
 
