@@ -49,11 +49,9 @@ async def best_of_n(body: BestOfNRequest, state: State, caller: Caller,
         None if body.messages is None else [m.model_dump() for m in body.messages],
         [StoredCandidate(c.index, c.text, c.score, c.finish_reason) for c in candidates],
         best.index)
-    usage = response.usage
     return BestOfNResponse(
         request_id=request_id, model=model,
         adapter_version=0 if model == "base" else ranked.result.served_by.adapter.version,
         best=best,
         candidates=sorted(candidates, key=lambda c: c.rank) if body.return_candidates else None,
-        usage=Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                    total_tokens=usage.prompt_tokens + usage.completion_tokens))
+        usage=Usage.of(response.usage))

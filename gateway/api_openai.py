@@ -110,12 +110,6 @@ def _chat_text(content) -> str:
     return "".join(parts)
 
 
-def _usage(response: policy_pb2.GenerateResponse) -> Usage:
-    u = response.usage
-    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                 total_tokens=u.prompt_tokens + u.completion_tokens)
-
-
 async def _draw(state: GatewayState, body: OpenAIBase, prompts: Sequence[common_pb2.Prompt],
                 draws: int, max_tokens: int | None, request_id: str, endpoint: str,
                 ) -> tuple[policy_pb2.GenerateResponse, list[list[tuple[int, float | None]]]]:
@@ -223,7 +217,7 @@ async def completions(body: CompletionRequest, state: State, caller: Caller,
     return CompletionResponse(id="cmpl-" + request_id, created=int(time.time()),
                               model=served_id(response.results[0].served_by,
                                               state.config.adapter_name),
-                              choices=choices, usage=_usage(response))
+                              choices=choices, usage=Usage.of(response.usage))
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
@@ -249,7 +243,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State, caller: Ca
                for k, (i, score) in enumerate(picks[0])]
     return ChatCompletionResponse(id="chatcmpl-" + request_id, created=int(time.time()),
                                   model=served_id(result.served_by, state.config.adapter_name),
-                                  choices=choices, usage=_usage(response))
+                                  choices=choices, usage=Usage.of(response.usage))
 
 
 @router.get("/v1/models", response_model=ModelList, summary="Base model and adapter versions")

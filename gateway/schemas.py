@@ -44,6 +44,12 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def of(cls, usage) -> Usage:
+        """From the policy's Usage message."""
+        return cls(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                   total_tokens=usage.prompt_tokens + usage.completion_tokens)
+
 
 class ErrorDetail(BaseModel):
     message: str
