@@ -69,6 +69,29 @@ async def test_items_queue_while_the_model_runs():
     await batcher.close()
 
 
+async def test_callers_answered_by_a_pass_join_the_next_one():
+    """Under load the callers of a finished pass send their next items a moment later; the next
+    pass waits max_wait after the model became free for them instead of leaving with only the
+    items that queued meanwhile (which splits the load into two alternating half-size passes)."""
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
+    batcher = MicroBatcher(fn, max_batch_size=8, max_wait_s=0.2)
+
+    async def caller_that_comes_back():
+        await batcher.submit([0])
+        return await batcher.submit([10])
+
+    looping = asyncio.ensure_future(caller_that_comes_back())
+    await asyncio.sleep(0.3)  # [0] is running, blocked on the gate
+    queued = [asyncio.ensure_future(batcher.submit([i])) for i in (1, 2, 3)]
+    await asyncio.sleep(0.4)  # longer than max_wait since they arrived
+    gate.set()
+    assert await looping == [20]
+    assert [await q for q in queued] == [[2], [4], [6]]
+    assert fn.batches == [[0], [1, 2, 3, 10]]
+    await batcher.close()
+
+
 async def test_a_failing_batch_fails_its_callers_only():
     fn = Recorder(fail_on=3)
     batcher = MicroBatcher(fn, max_batch_size=2, max_wait_s=0.2)

@@ -1,8 +1,11 @@
 """Dynamic micro-batching: items from concurrent calls share one forward pass.
 
-The oldest waiting item decides when a batch leaves: as soon as `max_batch_size` items wait, or
-`max_wait` after the oldest arrived. While the model runs, new items queue, so under load batches
-fill without waiting at all. A call's items may be split over batches and share them with other
+A batch leaves as soon as `max_batch_size` items wait, or `max_wait` after the later of the
+oldest item's arrival and the end of the previous batch. The second clock matters under load:
+while the model runs, callers whose results just came back are still sending their next items,
+and without it the queue splits into two halves that alternate (half running, half waiting), so
+every pass is half as big as it could be. An item therefore waits at most the running pass plus
+`max_wait`. A call's items may be split over batches and share them with other
 calls; each gets its own result back. Batches run one at a time in a single worker thread (torch
 uses its own threads inside a forward pass; two passes at once would only fight over them).
 """
@@ -41,6 +44,7 @@ class MicroBatcher(Generic[T, R]):
         self._task: asyncio.Task | None = None
         self._running: list[asyncio.Future] = []
         self._closed = False
+        self._free_since = 0.0  # monotonic time the previous batch ended
 
     async def submit(self, items: Sequence[T]) -> list[R]:
         if self._closed:
@@ -85,8 +89,10 @@ class MicroBatcher(Generic[T, R]):
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            finally:
+                self._free_since = time.monotonic()
             if self.on_batch is not None:
-                self.on_batch(len(batch), waited, time.monotonic() - start)
+                self.on_batch(len(batch), waited, self._free_since - start)
             for (_, fut, _), result in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
@@ -95,7 +101,7 @@ class MicroBatcher(Generic[T, R]):
         while not self._queue:
             self._arrived.clear()
             await self._arrived.wait()
-        deadline = self._queue[0][2] + self.max_wait_s
+        deadline = max(self._queue[0][2], self._free_since) + self.max_wait_s
         while len(self._queue) < self.max_batch_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -46,7 +46,7 @@ class RewardConfig(ServiceConfig):
     )
     rm_batch_tokens: int = Field(
         0, ge=0, description="Padded tokens per forward pass; a batch is split into similar-length "
-        "passes within it (0: 512 on CPU, 16384 on GPU).",
+        "passes within it (0: 2048 on CPU, 16384 on GPU).",
     )
     threads: int = Field(0, ge=0, description="Torch CPU threads (0: torch's default).")
 

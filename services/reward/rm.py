@@ -31,10 +31,10 @@ def expected_rating(logits: torch.Tensor, bins: torch.Tensor | None) -> torch.Te
 
 
 def default_batch_tokens(device: str) -> int:
-    """Padded tokens per forward pass. A CPU is as efficient on ~8 short texts as on 32 (it is
-    compute-bound either way), so small similar-length passes waste less on padding; a GPU
-    wants big passes."""
-    return 512 if device == "cpu" else 16384
+    """Padded tokens per forward pass. Measured on MiniLM (2 cores, bf16, ~40-token texts): one
+    pass of 16 texts costs 97 ms where two of 8 cost 124 ms, and 32 texts cost 4.75 ms each, so
+    even a CPU wants passes of a few thousand tokens; a GPU wants far bigger ones."""
+    return 2048 if device == "cpu" else 16384
 
 
 def resolve_device(device: str) -> str:
