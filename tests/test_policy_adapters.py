@@ -117,6 +117,7 @@ async def test_only_the_last_versions_are_kept(policy, tiny_adapters):
         await _push(policy, tiny_adapters[version % 4], "keep", version)
     listed = await stub(policy.channel).ListAdapters(policy_pb2.ListAdaptersRequest(name="keep"))
     assert [a.adapter.version for a in listed.adapters] == [3, 4, 5]  # keep_versions=3
+    assert listed.next_version == 6
     assert not (policy.data_dir / "policy" / "adapters" / "keep" / "v1").exists()
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _gen(policy, pinned("keep", 1))
@@ -140,6 +141,27 @@ async def test_only_the_last_versions_are_kept(policy, tiny_adapters):
     # Version 0 means "next".
     nxt = await _push(policy, tiny_adapters[0], "keep", 0)
     assert nxt.adapter.adapter.version == 6
+
+
+async def test_a_new_run_on_an_evicted_name_starts_above_its_old_versions(policy, tiny_adapters):
+    """Versions evicted to make room for other names are no longer listed, but their numbers
+    stay taken; ListAdapters says which one comes next and the trainer starts from it."""
+    from services.trainer.clients import Services
+
+    for version in (1, 2):
+        await _push(policy, tiny_adapters[version], "evicted", version, activate=False)
+    for filler in range(6):  # max_loaded_adapters=6: loading these unloads both "evicted"s
+        await _push(policy, tiny_adapters[filler % 4], f"filler{filler}", 1, activate=False)
+    listed = await stub(policy.channel).ListAdapters(
+        policy_pb2.ListAdaptersRequest(name="evicted"))
+    assert list(listed.adapters) == [] and listed.next_version == 3
+    unnamed = await stub(policy.channel).ListAdapters(policy_pb2.ListAdaptersRequest())
+    assert unnamed.next_version == 0  # only meaningful for one name
+
+    services = Services([policy.addr], [policy.addr], "evicted", retry_max=5)
+    assert await services.newest_version() == 2
+    resp = await _push(policy, tiny_adapters[0], "evicted", await services.newest_version() + 1)
+    assert resp.adapter.adapter.version == 3
 
 
 async def test_admin_token_guards_model_changes(policy, tiny_adapters):

@@ -271,12 +271,14 @@ class ListAdaptersRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
-    __slots__ = ("adapters", "active")
+    __slots__ = ("adapters", "active", "next_version")
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_VERSION_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
     active: ServedBy
-    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., active: _Optional[_Union[ServedBy, _Mapping]] = ...) -> None: ...
+    next_version: int
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., active: _Optional[_Union[ServedBy, _Mapping]] = ..., next_version: _Optional[int] = ...) -> None: ...
 
 class PolicyServiceGetInfoRequest(_message.Message):
     __slots__ = ()

@@ -331,6 +331,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return policy_pb2.ListAdaptersResponse(
             adapters=[adapter_info(k, self.registry.active) for k in kept],
             active=served_by(self.registry.active),
+            next_version=self.registry.next_version(request.name) if request.name else 0,
         )
 
     async def GetInfo(self, request, context):

@@ -121,14 +121,16 @@ class Services:
         return info.base_model_id
 
     async def newest_version(self) -> int:
-        """The newest version of this run's adapter name on any replica (0 if none)."""
+        """The newest version of this run's adapter name any replica has accepted (0 if none),
+        evicted ones included: a replica never takes a version number twice."""
         newest = 0
         for endpoint in endpoints(self.policy_addr):
             stub = policy_pb2_grpc.PolicyServiceStub(make_channel(endpoint, self.tls))
             listed = await self._retry(f"policy ListAdapters on {endpoint}", lambda s=stub: (
                 s.ListAdapters(policy_pb2.ListAdaptersRequest(name=self.adapter_name),
                                timeout=30)))
-            newest = max([newest, *(a.adapter.version for a in listed.adapters)])
+            newest = max([newest, listed.next_version - 1,
+                          *(a.adapter.version for a in listed.adapters)])
         return newest
 
     async def generate(self, records, n: int, max_tokens: int, temperature: float,
