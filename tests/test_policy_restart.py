@@ -7,6 +7,7 @@ import os
 import signal
 
 import grpc
+import psutil
 import pytest
 
 from rlhf.adapter_push import push_adapter
@@ -19,12 +20,13 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 PROMPT = [20, 21, 22, 23, 24]
 
 
-def _start(tiny_model_dir, data_dir, port):
+def _start(tiny_model_dir, data_dir, port, *extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}
     env["RLHF_POLICY_ADMIN_TOKEN"] = ADMIN
     proc = start_process([
         "-m", "services.policy", "--port", str(port), "--metrics-port", "0",
         "--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--max-model-len", "512",
+        *extra,
     ], env=env)
     read_until(proc, "READY policy", timeout=240)
     return proc
@@ -72,11 +74,17 @@ def test_adapters_and_active_version_survive_restart(tiny_model_dir, tiny_adapte
         _stop(proc)
     assert before == (hf_greedy(tiny_model_dir, tiny_adapters[0], PROMPT, 8), ("persist", 1))
 
-    proc = _start(tiny_model_dir, data_dir, port)
+    # The second life also runs confined to one core: the service and its engine core process
+    # (where the model computes) may use only that core.
+    core = max(os.sched_getaffinity(0))
+    proc = _start(tiny_model_dir, data_dir, port, "--cpu-cores", str(core))
     try:
+        placement = {p.pid: p.cpu_affinity()
+                     for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]}
         listed, active, v2 = asyncio.run(second_life())
     finally:
         _stop(proc)
+    assert len(placement) >= 2 and all(cores == [core] for cores in placement.values()), placement
     assert [(a.adapter.version, a.active) for a in listed.adapters] == [(1, True), (2, False)]
     assert version_of(listed.active) == ("persist", 1)
     assert active == before

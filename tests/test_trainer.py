@@ -68,21 +68,25 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algo", ["ppo", "grpo"])
-async def test_reward_rises(policy_lora, reward_server, prompts_file, tmp_path, algo):
+@pytest.mark.parametrize("algo, dtype", [("ppo", "float32"), ("grpo", "float32"),
+                                         ("ppo", "bfloat16")])
+async def test_reward_rises(policy_lora, reward_server, prompts_file, tmp_path, algo, dtype):
     steps = 20
-    out = tmp_path / f"learn-{algo}"
+    out = tmp_path / f"learn-{algo}-{dtype}"
     run = settings(policy_lora, f"127.0.0.1:{reward_server.port}", prompts_file, out,
-                   algo=algo, steps=steps)
+                   algo=algo, steps=steps, compute_dtype=dtype)
     await Learner(run).run()
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     first = sum(r["reward_mean"] for r in rows[:5]) / 5
     last = sum(r["reward_mean"] for r in rows[-5:]) / 5
-    print(f"{algo}: reward first 5 steps {first:.3f}, last 5 steps {last:.3f}")
+    mismatch = max(r["logprob_mismatch"] for r in rows)
+    print(f"{algo} {dtype}: reward first 5 steps {first:.3f}, last 5 steps {last:.3f}, "
+          f"logprob mismatch <= {mismatch:.2e}")
     assert last > first + 0.1, (first, last)
-    # vLLM's logprobs (LoRA on, fp32) agree with the trainer's recomputation.
-    assert max(r["logprob_mismatch"] for r in rows) < 1e-3
+    # vLLM's logprobs (LoRA on, fp32) agree with the trainer's recomputation; bfloat16 matmuls
+    # round the trainer's side (measured ~{MEASURED}).
+    assert mismatch < (1e-3 if dtype == "float32" else 5e-2)
     versions = [r["adapter_version"] for r in rows]
     assert versions == sorted(versions) and len(set(versions)) == steps
     # The policy serves the last version produced.

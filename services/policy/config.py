@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlhf.plumbing.config import ServiceConfig
+from rlhf.plumbing.cpus import parse_cpu_list
 
 # vLLM accepts only these LoRA ranks as the engine maximum.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -36,6 +37,10 @@ class PolicyConfig(ServiceConfig):
         8192, ge=16, description="Tokens per engine step (raised to max_model_len if lower)."
     )
     enforce_eager: bool = Field(True, description="Skip graph capture (no gain on CPU).")
+    cpu_cores: str = Field(
+        "", description="CPU build of vLLM: run the service and its engine on these cores only, "
+        "e.g. '0-3' (empty: all). Keeps a trainer on the same machine off the policy's cores.",
+    )
     seed: int = Field(0, description="Engine seed (unseeded requests still differ).")
     adapter_mode: Literal["lora", "merged"] = Field(
         "lora", description="lora: every kept version servable; merged: active one merged in."
@@ -57,6 +62,13 @@ class PolicyConfig(ServiceConfig):
     admin_token: str | None = Field(
         None, description="Token PushAdapter/SetActiveAdapter need (unset: open, with a warning)."
     )
+
+    @field_validator("cpu_cores")
+    @classmethod
+    def _cores(cls, value: str) -> str:
+        if value:
+            parse_cpu_list(value)
+        return value
 
     @field_validator("max_lora_rank")
     @classmethod

@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from rlhf.plumbing.cpus import parse_cpu_list, pin_process
 from rlhf.plumbing.errors import InvalidArgument, Unavailable
 from services.policy.config import PolicyConfig
 from services.policy.engine import AdapterHandle, CompletionDelta, EngineOutput, Sampling
@@ -21,6 +22,14 @@ def _engine_env(config: PolicyConfig) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if config.cpu_cores:
+        # vLLM binds threads itself only with its multiprocess executor, which we don't use:
+        # confine this process before the engine core starts, and the core inherits the cores
+        # (Linux affinity) and a thread count to match (OMP_NUM_THREADS, read when it imports
+        # torch).
+        cores = parse_cpu_list(config.cpu_cores)
+        pin_process(cores)
+        os.environ["OMP_NUM_THREADS"] = str(len(cores))
 
 
 class VllmEngine:

@@ -52,8 +52,12 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
 
 class ActorCritic(nn.Module):
     def __init__(self, model_dir: Path, *, lora_rank: int, lora_alpha: float,
-                 target_modules: list[str], with_critic: bool, init_adapter: Path | None = None):
+                 target_modules: list[str], with_critic: bool, init_adapter: Path | None = None,
+                 compute_dtype: str = "float32"):
         super().__init__()
+        # Weights, optimizer state and losses stay float32; bfloat16 only runs the matmuls
+        # (autocast), which is what the time goes into.
+        self.autocast = {"float32": None, "bfloat16": torch.bfloat16}[compute_dtype]
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,9 +104,11 @@ class ActorCritic(nn.Module):
     # ------------------------------------------------------------------ forward passes
 
     def _forward(self, batch: Batch, hidden: bool = False):
-        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids, output_hidden_states=hidden,
-                          use_cache=False)
+        with torch.autocast("cpu", dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
+            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids, output_hidden_states=hidden,
+                              use_cache=False)
 
     def _response_slice(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         t = batch.completion_ids.shape[1]
@@ -111,20 +117,25 @@ class ActorCritic(nn.Module):
     def policy_logprobs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp [B,T], entropy [B,T]) of the completion tokens under the policy adapter."""
         self._use("policy")
-        logits = self._response_slice(self._forward(batch).logits, batch)
+        logits = self._response_slice(self._forward(batch).logits, batch).float()
         return logprobs_from_logits(logits, batch.completion_ids), entropy_from_logits(logits)
 
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
-        with torch.no_grad(), self.model.disable_adapter():
-            logits = self._response_slice(self._forward(batch).logits, batch)
-            return logprobs_from_logits(logits, batch.completion_ids)
+        try:
+            with torch.no_grad(), self.model.disable_adapter():
+                logits = self._response_slice(self._forward(batch).logits, batch).float()
+                return logprobs_from_logits(logits, batch.completion_ids)
+        finally:
+            # Leaving disable_adapter re-activates the policy adapter the peft way, which
+            # freezes the critic's: a critic graph built before would then get no gradients.
+            self._use("policy")
 
     def values(self, batch: Batch) -> torch.Tensor:
         """V(s_t) [B,T]: the critic's estimate before completion token t is chosen."""
         self._use("critic")
         try:
             hidden = self._forward(batch, hidden=True).hidden_states[-1]
-            return self.value_head(self._response_slice(hidden, batch)).squeeze(-1)
+            return self.value_head(self._response_slice(hidden, batch).float()).squeeze(-1)
         finally:
             self._use("policy")
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf.plumbing.cpus import parse_cpu_list, pin_process
 from services.trainer import checkpoint
 from services.trainer import ppo_math as pm
 from services.trainer.actor_critic import ActorCritic, Batch, make_batch
@@ -106,7 +107,8 @@ class Learner:
         random.seed(s.seed)
         self.model = ActorCritic(s.resolved_model(), lora_rank=s.lora_rank,
                                  lora_alpha=s.lora_alpha, target_modules=s.target_modules,
-                                 with_critic=s.algo == "ppo", init_adapter=s.init_adapter)
+                                 with_critic=s.algo == "ppo", init_adapter=s.init_adapter,
+                                 compute_dtype=s.compute_dtype)
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=s.learning_rate)
         self.kl_ctl = (pm.AdaptiveKLController(s.kl_coef, s.target_kl, s.kl_horizon)
                        if s.target_kl else pm.FixedKLController(s.kl_coef))
@@ -143,6 +145,8 @@ class Learner:
 
     async def run(self) -> None:
         s = self.s
+        if s.cpu_cores:
+            pin_process(parse_cpu_list(s.cpu_cores))
         if not self.world.is_main:
             await asyncio.to_thread(self._build)
             await asyncio.to_thread(self._resume)
