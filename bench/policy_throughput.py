@@ -3,6 +3,12 @@ gRPC service, through the same in-process AsyncLLM directly, and through HF `gen
 Targets: gRPC >= 0.9x in-process, vLLM >= 2x HF.
 
     python bench/policy_throughput.py [--prompts 32 --n 4 --tokens 64 --dtype bfloat16]
+        [--mode merged|lora]
+
+The workload is the base model, so the default server runs in merged adapter mode, whose engine
+has no LoRA layers (the CPU fast path; see docs). In lora mode vLLM wraps every adapted layer for
+LoRA, which on CPU slows even base requests by about a quarter (bench/adapter_speed.py prints
+both modes' base speed).
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ async def main(args) -> None:
             add_special_tokens=False)["input_ids"]
         for p in prompts
     ]
-    server, channel = await C.start_policy("lora", args.dtype)
+    server, channel = await C.start_policy(args.mode, args.dtype)
     try:
         llm = server.app.engine.llm
         await via_grpc(channel, prompts[:4], 1, 8)  # warm-up
@@ -95,7 +101,8 @@ async def main(args) -> None:
     hf_tokens, hf_seconds = via_hf(prompt_ids, args.n, args.tokens, args.dtype)
     grpc_tps, inproc_tps = max(rounds["grpc"]), max(rounds["inproc"])
     hf_tps = hf_tokens / hf_seconds
-    print(f"workload: {args.prompts} prompts x n={args.n} x {args.tokens} tokens, {args.dtype}")
+    print(f"workload: {args.prompts} prompts x n={args.n} x {args.tokens} tokens, {args.dtype}, "
+          f"{args.mode} mode")
     print(f"gRPC service     {grpc_tps:8.1f} tokens/s")
     print(f"in-process vLLM  {inproc_tps:8.1f} tokens/s")
     print(f"HF generate      {hf_tps:8.1f} tokens/s")
@@ -103,7 +110,7 @@ async def main(args) -> None:
     print(f"vLLM (gRPC) / HF  = {grpc_tps / hf_tps:.3f} (target >= 2)")
     C.report("policy_throughput", {
         "prompts": args.prompts, "n": args.n, "tokens": args.tokens, "dtype": args.dtype,
-        "grpc_tokens_per_s": round(grpc_tps, 1), "inproc_tokens_per_s": round(inproc_tps, 1),
+        "mode": args.mode, "grpc_tokens_per_s": round(grpc_tps, 1), "inproc_tokens_per_s": round(inproc_tps, 1),
         "hf_tokens_per_s": round(hf_tps, 1),
         "grpc_over_inproc": round(grpc_tps / inproc_tps, 3),
         "vllm_over_hf": round(grpc_tps / hf_tps, 3),
@@ -117,4 +124,5 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--mode", default="merged", choices=["merged", "lora"])
     asyncio.run(main(parser.parse_args()))
