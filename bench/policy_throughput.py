@@ -110,7 +110,8 @@ async def main(args) -> None:
     print(f"vLLM (gRPC) / HF  = {grpc_tps / hf_tps:.3f} (target >= 2)")
     C.report("policy_throughput", {
         "prompts": args.prompts, "n": args.n, "tokens": args.tokens, "dtype": args.dtype,
-        "mode": args.mode, "grpc_tokens_per_s": round(grpc_tps, 1), "inproc_tokens_per_s": round(inproc_tps, 1),
+        "mode": args.mode, "grpc_tokens_per_s": round(grpc_tps, 1),
+        "inproc_tokens_per_s": round(inproc_tps, 1),
         "hf_tokens_per_s": round(hf_tps, 1),
         "grpc_over_inproc": round(grpc_tps / inproc_tps, 3),
         "vllm_over_hf": round(grpc_tps / hf_tps, 3),

@@ -96,7 +96,8 @@ async def main(args) -> None:
     C.report("ppo_step", {
         "steps": args.steps, "prompts_per_step": args.prompts_per_step, "samples": args.samples,
         "tokens": args.tokens, "dtype": args.dtype,
-        "trainer_dtype": args.trainer_dtype, "policy_cores": args.policy_cores, "trainer_cores": args.trainer_cores,
+        "trainer_dtype": args.trainer_dtype, "policy_cores": args.policy_cores,
+        "trainer_cores": args.trainer_cores,
         **{f"{p}_seconds": round(v, 3) for p, v in phases.items()},
         "wall_per_step_on_policy": round(per_step[0], 3),
         "wall_per_step_overlap": round(per_step[1], 3),

@@ -50,7 +50,8 @@ early = threading.Thread(target=time.sleep, args=(2,)); early.start()
 pin_process([{core}])
 late = threading.Thread(target=time.sleep, args=(2,)); late.start()
 tasks = os.listdir("/proc/self/task")
-print(sorted({{tuple(os.sched_getaffinity(int(t))) for t in tasks}}), len(tasks), torch.get_num_threads())
+placements = {{tuple(os.sched_getaffinity(int(t))) for t in tasks}}
+print(sorted(placements), len(tasks), torch.get_num_threads())
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120, check=True).stdout.split()
