@@ -9,6 +9,9 @@ restores what separate devices give: generation and training really run at the s
 from __future__ import annotations
 
 import os
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 
 def parse_cpu_list(text: str) -> list[int]:
@@ -26,6 +29,16 @@ def parse_cpu_list(text: str) -> list[int]:
             raise ValueError(f"{part!r} in CPU list {text!r} runs backwards")
         cores.update(range(first, last + 1))
     return sorted(cores)
+
+
+def _checked(text: str) -> str:
+    if text:
+        parse_cpu_list(text)
+    return text
+
+
+# A config field holding a cpulist ("" = no placement), checked when the config loads.
+CpuList = Annotated[str, AfterValidator(_checked)]
 
 
 def check_available(cores: list[int]) -> None:

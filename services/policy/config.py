@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlhf.plumbing.config import ServiceConfig
-from rlhf.plumbing.cpus import parse_cpu_list
+from rlhf.plumbing.cpus import CpuList
 
 # vLLM accepts only these LoRA ranks as the engine maximum.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -37,7 +37,7 @@ class PolicyConfig(ServiceConfig):
         8192, ge=16, description="Tokens per engine step (raised to max_model_len if lower)."
     )
     enforce_eager: bool = Field(True, description="Skip graph capture (no gain on CPU).")
-    cpu_cores: str = Field(
+    cpu_cores: CpuList = Field(
         "", description="CPU build of vLLM: run the service and its engine on these cores only, "
         "e.g. '0-3' (empty: all). Keeps a trainer on the same machine off the policy's cores.",
     )
@@ -62,13 +62,6 @@ class PolicyConfig(ServiceConfig):
     admin_token: str | None = Field(
         None, description="Token PushAdapter/SetActiveAdapter need (unset: open, with a warning)."
     )
-
-    @field_validator("cpu_cores")
-    @classmethod
-    def _cores(cls, value: str) -> str:
-        if value:
-            parse_cpu_list(value)
-        return value
 
     @field_validator("max_lora_rank")
     @classmethod

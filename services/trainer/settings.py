@@ -9,17 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rlhf.plumbing.config import AddressList, ConfigError, read_yaml_mapping
-from rlhf.plumbing.cpus import parse_cpu_list
+from rlhf.plumbing.cpus import CpuList
 
 
 class RunSettings(BaseModel):
@@ -70,18 +63,11 @@ class RunSettings(BaseModel):
         "float32", description="Dtype of the learner's matmuls. bfloat16 (autocast) is about "
         "twice as fast on CPUs with AMX; weights, optimizer state and losses stay float32.",
     )
-    cpu_cores: str = Field(
+    cpu_cores: CpuList = Field(
         "", description="Run the learner on these CPU cores only, e.g. '4-7' (empty: all). On a "
         "machine shared with a CPU policy, give each its own cores so generation and training "
         "really overlap.",
     )
-
-    @field_validator("cpu_cores")
-    @classmethod
-    def _cores(cls, value: str) -> str:
-        if value:
-            parse_cpu_list(value)
-        return value
 
     @model_validator(mode="after")
     def _groups(self) -> RunSettings:
