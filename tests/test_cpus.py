@@ -38,24 +38,25 @@ def test_services_check_their_cpu_cores_at_load():
         RunSettings.load(None, cpu_cores="2-1")
 
 
-def test_pinning_moves_every_thread_and_sizes_torch(tmp_path):
-    """In a child process (pinning is process-wide): threads started before and after the call
-    end up on the chosen core, and torch uses one thread per core."""
+def test_pinning_moves_every_thread(tmp_path):
+    """In a child process (pinning is process-wide): threads started before and after the call,
+    torch's own pool included, end up on the chosen core."""
     core = max(os.sched_getaffinity(0))
     script = f"""
 import os, threading, time, torch
 from rlhf.plumbing.cpus import pin_process
 torch.set_num_threads(4)
+torch.ones(256, 256) @ torch.ones(256, 256)  # starts the OpenMP pool
 early = threading.Thread(target=time.sleep, args=(2,)); early.start()
 pin_process([{core}])
 late = threading.Thread(target=time.sleep, args=(2,)); late.start()
 tasks = os.listdir("/proc/self/task")
 placements = {{tuple(os.sched_getaffinity(int(t))) for t in tasks}}
-print(sorted(placements), len(tasks), torch.get_num_threads())
+print(sorted(placements), len(tasks))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120, check=True).stdout.split()
-    assert out[0] == f"[({core},)]" and int(out[1]) >= 3 and out[2] == "1"
+    assert out[0] == f"[({core},)]" and int(out[1]) >= 3
     with pytest.raises(ValueError, match="not available"):
         from rlhf.plumbing.cpus import pin_process
 

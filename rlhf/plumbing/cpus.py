@@ -51,8 +51,9 @@ def check_available(cores: list[int]) -> None:
 
 
 def pin_process(cores: list[int]) -> None:
-    """Moves every thread of this process onto `cores` (threads started later inherit it) and
-    sizes torch's pool to match, so its threads don't outnumber the cores they may use."""
+    """Moves every thread of this process onto `cores` (threads started later inherit it).
+    Callers size their thread pools to match (torch.set_num_threads), so the threads don't
+    outnumber the cores they may use."""
     check_available(cores)
     try:
         os.sched_setaffinity(0, cores)
@@ -63,6 +64,3 @@ def pin_process(cores: list[int]) -> None:
             os.sched_setaffinity(int(tid), cores)
         except (ProcessLookupError, PermissionError):
             pass  # a thread that just ended
-    import torch
-
-    torch.set_num_threads(len(cores))

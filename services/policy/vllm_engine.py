@@ -27,8 +27,11 @@ def _engine_env(config: PolicyConfig) -> None:
         # confine this process before the engine core starts, and the core inherits the cores
         # (Linux affinity) and a thread count to match (OMP_NUM_THREADS, read when it imports
         # torch).
+        import torch
+
         cores = parse_cpu_list(config.cpu_cores)
         pin_process(cores)
+        torch.set_num_threads(len(cores))
         os.environ["OMP_NUM_THREADS"] = str(len(cores))
 
 

@@ -146,7 +146,9 @@ class Learner:
     async def run(self) -> None:
         s = self.s
         if s.cpu_cores:
-            pin_process(parse_cpu_list(s.cpu_cores))
+            cores = parse_cpu_list(s.cpu_cores)
+            pin_process(cores)
+            torch.set_num_threads(len(cores))
         if not self.world.is_main:
             await asyncio.to_thread(self._build)
             await asyncio.to_thread(self._resume)
