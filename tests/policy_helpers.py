@@ -98,19 +98,43 @@ SWAP_PROMPT = [20, 21, 22, 23, 24]
 
 
 async def generate_greedy(policy, n_tokens: int, selector=None, prompt=SWAP_PROMPT):
+    tokens, served, _ = await generate_greedy_result(policy, n_tokens, selector, prompt)
+    return tokens, served
+
+
+async def generate_greedy_result(policy, n_tokens: int, selector=None, prompt=SWAP_PROMPT):
+    """(tokens, served_by, finished_by); finished_by is False unless the weights changed
+    during the call (else the version that finished it, None = base)."""
     req = policy_pb2.GenerateRequest(prompts=[ids_prompt(prompt)], params=greedy(n_tokens))
     if selector is not None:
         req.adapter.CopyFrom(selector)
     resp = await stub(policy.channel).Generate(req, timeout=60)
     result = resp.results[0]
-    return list(result.completions[0].token_ids), version_of(result.served_by)
+    finished = version_of(result.finished_by) if result.HasField("finished_by") else False
+    return list(result.completions[0].token_ids), version_of(result.served_by), finished
 
 
-async def run_hot_swap(policy, adapters, name: str, versions: int = 12, clients: int = 4):
+def switched_tokens_match(model_dir, before: Path | None, after: Path | None, prompt,
+                          tokens: list[int]) -> bool:
+    """A request the weights changed under: its first k tokens are the old weights' greedy
+    tokens and the rest the new weights' greedy continuation of prompt + those k, for some k."""
+    old = hf_greedy(model_dir, before, prompt, len(tokens))
+    for k in range(len(tokens) + 1):
+        if tokens[:k] != old[:k]:
+            break
+        if tokens[k:] == hf_greedy(model_dir, after, list(prompt) + tokens[:k], len(tokens) - k):
+            return True
+    return False
+
+
+async def run_hot_swap(policy, adapters, name: str, versions: int = 12, clients: int = 4,
+                       follows_switches: bool = False):
     """Clients keep sending while `versions` adapter versions are pushed and activated. Asserts:
     no call fails; every response names a version active at some point during the call (push
     of v began before the call ended, push of v+1 ended after it began); and the tokens are that
-    version's (HF+peft reference), so the label matches the weights."""
+    version's (HF+peft reference), so the label matches the weights.
+    follows_switches (merged mode): a call the weights changed under names both versions, and
+    its tokens are the old version's up to some point and the new version's after it."""
     n_tokens = 6
     contents = {v: adapters[v % len(adapters)] for v in range(1, versions + 1)}
     refs = {None: hf_greedy(policy.model_dir, None, SWAP_PROMPT, n_tokens)}
@@ -125,11 +149,11 @@ async def run_hot_swap(policy, adapters, name: str, versions: int = 12, clients:
         while not done.is_set():
             start = time.monotonic()
             try:
-                tokens, served = await generate_greedy(policy, n_tokens)
+                tokens, served, finished = await generate_greedy_result(policy, n_tokens)
             except grpc.aio.AioRpcError as exc:
                 failures.append(exc)
                 continue
-            calls.append((start, time.monotonic(), served, tokens))
+            calls.append((start, time.monotonic(), served, finished, tokens))
 
     tasks = [asyncio.create_task(client()) for _ in range(clients)]
     await asyncio.sleep(0.3)
@@ -150,7 +174,20 @@ async def run_hot_swap(policy, adapters, name: str, versions: int = 12, clients:
     assert failures == [], failures[:3]
     assert len(calls) > 20
     seen = set()
-    for start, end, served, tokens in calls:
+    switched = 0
+    for start, end, served, finished, tokens in calls:
+        if finished is not False:
+            assert follows_switches, "the weights changed under a call in lora mode"
+            switched += 1
+            before = 0 if served is None else served[1]
+            after = finished[1]
+            assert after > before, (served, finished)
+            assert start <= pushes[before + 1][1] and pushes[after][0] <= end
+            if after == before + 1:  # one switch: the tokens show where it happened
+                assert switched_tokens_match(
+                    policy.model_dir, None if served is None else contents[before],
+                    contents[after], SWAP_PROMPT, tokens), (served, finished, tokens)
+            continue
         if served is None:
             assert start <= pushes[1][1], "base served after v1 was active"
             assert tokens == refs[None]
@@ -163,7 +200,7 @@ async def run_hot_swap(policy, adapters, name: str, versions: int = 12, clients:
         assert tokens == refs[version % len(adapters)], f"v{version} answered with other weights"
         seen.add(version)
     assert len(seen) >= versions // 2  # the load really overlapped the swaps
-    return calls
+    return calls, switched
 
 
 async def set_active(policy, name=None, version=0):

@@ -3,6 +3,9 @@ place; same push/rollback semantics; other versions and the base model are refus
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
 import pytest
 
@@ -12,7 +15,10 @@ from tests.policy_helpers import (
     ADMIN,
     base,
     generate_greedy,
+    greedy,
     hf_greedy,
+    ids_prompt,
+    make_adapter,
     pinned,
     run_hot_swap,
     set_active,
@@ -66,4 +72,65 @@ async def test_merged_outputs_equal_hf_peft_and_rollback_restores(policy, tiny_a
 
 async def test_merged_hot_swap_under_load(policy, tiny_adapters):
     await _set_active(policy, None)
-    await run_hot_swap(policy, tiny_adapters, "mswap")
+    _, switched = await run_hot_swap(policy, tiny_adapters, "mswap", follows_switches=True)
+    # 4 clients send back to back, so switches land on running requests, which go on with the
+    # new weights instead of holding the switch back (run_hot_swap checks their tokens).
+    assert switched >= 1
+
+
+async def test_merging_every_linear_layer_then_fewer_restores_the_rest(policy, tmp_path):
+    """The in-place path rebuilds fused layers (q/k/v, gate/up) from their shards; modules the
+    previous version changed and the next one doesn't get their base weights back."""
+    wide = make_adapter(policy.model_dir, tmp_path / "wide", seed=7, targets=(
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    narrow = make_adapter(policy.model_dir, tmp_path / "narrow", seed=8, targets=("v_proj",))
+    await push_adapter(policy.channel, wide, "wide", 1, "tiny", token=ADMIN)
+    assert await generate_greedy(policy, 10) == (
+        hf_greedy(policy.model_dir, wide, PROMPT, 10), ("wide", 1))
+    await push_adapter(policy.channel, narrow, "wide", 2, "tiny", token=ADMIN)
+    assert await generate_greedy(policy, 10) == (
+        hf_greedy(policy.model_dir, narrow, PROMPT, 10), ("wide", 2))
+    await _set_active(policy, None)
+
+
+async def _stream(policy, n_tokens: int, selector, started: asyncio.Event):
+    req = policy_pb2.GenerateStreamRequest(prompt=ids_prompt(PROMPT), params=greedy(n_tokens))
+    if selector is not None:
+        req.adapter.CopyFrom(selector)
+    tokens, served, finished = [], None, None
+    async for msg in stub(policy.channel).GenerateStream(req, timeout=120):
+        if msg.HasField("served_by"):
+            served = (msg.served_by.adapter.name, msg.served_by.adapter.version)
+        if msg.HasField("finished_by"):
+            finished = (msg.finished_by.adapter.name, msg.finished_by.adapter.version)
+        tokens += msg.token_ids
+        if tokens:
+            started.set()
+    return tokens, served, finished, time.monotonic()
+
+
+async def test_a_switch_waits_for_pinned_requests_and_moves_unpinned_ones(policy, tiny_adapters):
+    await push_adapter(policy.channel, tiny_adapters[0], "drain", 1, "tiny", token=ADMIN)
+    all_v1, _ = await generate_greedy(policy, 300)
+    follower_started, pinned_started = asyncio.Event(), asyncio.Event()
+    follower = asyncio.create_task(_stream(policy, 300, None, follower_started))
+    await follower_started.wait()
+    holder = asyncio.create_task(_stream(policy, 16, pinned("drain", 1), pinned_started))
+    await pinned_started.wait()
+    await push_adapter(policy.channel, tiny_adapters[1], "drain", 2, "tiny", token=ADMIN)
+    pushed_at = time.monotonic()
+
+    tokens, served, finished, held_until = await holder
+    # Pinned: finished on exactly the version it asked for, before the switch completed.
+    assert (served, finished) == (("drain", 1), None)
+    assert tokens == hf_greedy(policy.model_dir, tiny_adapters[0], PROMPT, 16)
+    assert held_until <= pushed_at
+    tokens, served, finished, _ = await follower
+    # Unpinned: went on with v2 and says so; its first tokens (at least as many as the pinned
+    # request produced) are v1's, the rest differ from an all-v1 run.
+    assert (served, finished) == (("drain", 1), ("drain", 2))
+    assert len(tokens) == 300
+    assert tokens[:16] == all_v1[:16]
+    assert tokens != all_v1
+    assert (await generate_greedy(policy, 4))[1] == ("drain", 2)
+    await _set_active(policy, None)

@@ -139,16 +139,18 @@ class Completion(_message.Message):
     def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_string: _Optional[str] = ...) -> None: ...
 
 class PromptResult(_message.Message):
-    __slots__ = ("prompt_index", "prompt_token_ids", "completions", "served_by")
+    __slots__ = ("prompt_index", "prompt_token_ids", "completions", "served_by", "finished_by")
     PROMPT_INDEX_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_BY_FIELD_NUMBER: _ClassVar[int]
     prompt_index: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     completions: _containers.RepeatedCompositeFieldContainer[Completion]
     served_by: ServedBy
-    def __init__(self, prompt_index: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ..., served_by: _Optional[_Union[ServedBy, _Mapping]] = ...) -> None: ...
+    finished_by: ServedBy
+    def __init__(self, prompt_index: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ..., served_by: _Optional[_Union[ServedBy, _Mapping]] = ..., finished_by: _Optional[_Union[ServedBy, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("results", "usage", "request_id")
@@ -171,7 +173,7 @@ class GenerateStreamRequest(_message.Message):
     def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., adapter: _Optional[_Union[AdapterSelector, _Mapping]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("index", "text_delta", "token_ids", "logprobs", "top_logprobs", "finish_reason", "stop_string", "served_by", "prompt_token_ids", "usage")
+    __slots__ = ("index", "text_delta", "token_ids", "logprobs", "top_logprobs", "finish_reason", "stop_string", "served_by", "prompt_token_ids", "usage", "finished_by")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +184,7 @@ class GenerateStreamResponse(_message.Message):
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_BY_FIELD_NUMBER: _ClassVar[int]
     index: int
     text_delta: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -192,7 +195,8 @@ class GenerateStreamResponse(_message.Message):
     served_by: ServedBy
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     usage: _common_pb2.Usage
-    def __init__(self, index: _Optional[int] = ..., text_delta: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_string: _Optional[str] = ..., served_by: _Optional[_Union[ServedBy, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
+    finished_by: ServedBy
+    def __init__(self, index: _Optional[int] = ..., text_delta: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_string: _Optional[str] = ..., served_by: _Optional[_Union[ServedBy, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., finished_by: _Optional[_Union[ServedBy, _Mapping]] = ...) -> None: ...
 
 class AdapterHeader(_message.Message):
     __slots__ = ("adapter", "sha256", "size_bytes", "base_model_id", "peft_config_json", "skip_activate")

@@ -6,9 +6,10 @@ served before. A request takes a lease on the version it runs on; an old version
 deleted only when it is no longer kept *and* its last lease is returned.
 
 In `lora` mode every kept version is loaded in vLLM and servable. In `merged` mode only the active
-version is servable: it is merged into the base weights, and a switch waits for the requests on
-the old weights to finish while new requests wait for the switch (so a response's version is
-always the weights that produced it).
+version is servable: it is merged into the base weights in place. A switch waits for the requests
+pinned to the old version (they asked for exactly those weights) while new requests wait for the
+switch; requests that follow the active version go on with the new weights without waiting, and
+their responses name both versions (`Lease.finished_by`), so a label never hides a change.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class Lease:
     handle: AdapterHandle | None
     served: tuple[str, int] | None  # (name, version), None = base
     kept: Kept | None = field(default=None, repr=False)
+    pinned: bool = False
+    epoch: int = 0  # the registry's weights_epoch when the lease was taken
 
 
 class AdapterRegistry:
@@ -93,7 +96,9 @@ class AdapterRegistry:
         self._ids = itertools.count(1)
         self._name_locks: dict[str, asyncio.Lock] = {}
         self._switch_lock = asyncio.Lock()
-        self._base_in_flight = 0
+        self._pinned_in_flight = 0
+        # merged mode: +1 each time the served weights change in place.
+        self.weights_epoch = 0
         # merged mode: cleared while the served weights change; acquire() waits on it.
         self._open = asyncio.Event()
         self._open.set()
@@ -171,7 +176,8 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ leases
 
     async def acquire(self, target: str, pinned: tuple[str, int] | None = None) -> Lease:
-        """target: "active", "base" or "pinned". Resolved now: a later switch doesn't move it."""
+        """target: "active", "base" or "pinned". Resolved now: a later switch doesn't move it,
+        except in merged mode, where an unpinned request follows the weights (see finished_by)."""
         if self.mode == "merged":
             await self._open.wait()
             if target == "base" or (target == "pinned" and pinned != self.active):
@@ -180,6 +186,11 @@ class AdapterRegistry:
                     f"this replica runs in merged adapter mode and serves only the active "
                     f"version ({_fmt(self.active)}), not {what}; use a replica in lora mode"
                 )
+            if target == "pinned":
+                self._pinned_in_flight += 1
+                kept = self._kept[self.active]
+                kept.in_flight += 1
+                return Lease(None, kept.key, kept, pinned=True, epoch=self.weights_epoch)
             target = "active"
         if target == "pinned":
             kept = self._kept.get(pinned)
@@ -195,17 +206,21 @@ class AdapterRegistry:
         else:
             kept = None
         if kept is None:
-            self._base_in_flight += 1
-            return Lease(None, None)
+            return Lease(None, None, epoch=self.weights_epoch)
         kept.in_flight += 1
         handle = kept.handle if self.mode == "lora" else None
-        return Lease(handle, kept.key, kept)
+        return Lease(handle, kept.key, kept, epoch=self.weights_epoch)
+
+    def finished_by(self, lease: Lease) -> tuple[tuple[str, int] | None, bool]:
+        """(the version serving now, whether the weights changed since the lease was taken).
+        Call it as the request's last tokens arrive."""
+        return self.active, self.weights_epoch != lease.epoch
 
     async def release(self, lease: Lease) -> None:
-        if lease.kept is None:
-            self._base_in_flight -= 1
-        else:
+        if lease.kept is not None:
             lease.kept.in_flight -= 1
+        if lease.pinned:
+            self._pinned_in_flight -= 1
         async with self._idle:
             self._idle.notify_all()
         if lease.kept is not None and lease.kept.retiring and lease.kept.in_flight == 0:
@@ -305,19 +320,17 @@ class AdapterRegistry:
                 self._open.clear()
                 try:
                     async with self._idle:
-                        await self._idle.wait_for(self._merged_idle)
+                        await self._idle.wait_for(lambda: self._pinned_in_flight == 0)
                     path = self._kept[key].handle.path if key else None
                     await self.engine.load_merged(path)
                     self.active = key
+                    self.weights_epoch += 1
                 finally:
                     self._open.set()
             else:
                 self.active = key
             self._save_state()
             log.info("active adapter is now %s", _fmt(self.active))
-
-    def _merged_idle(self) -> bool:
-        return self._base_in_flight == 0 and all(k.in_flight == 0 for k in self._kept.values())
 
     async def _retire_old(self, name: str) -> None:
         """Keeps the newest keep_versions of a name (and the active one); retires the rest."""

@@ -93,7 +93,9 @@ class Engine(Protocol):
     async def remove_adapter(self, handle: AdapterHandle) -> None: ...
 
     async def load_merged(self, weights_dir: Path | None) -> None:
-        """merged mode: replace the served weights in place (None = the base weights)."""
+        """merged mode: replace the served weights in place (None = the base weights).
+        Requests still in the engine go on with the new weights from a clean state (their
+        prompt and tokens so far recomputed); no cached state of the old weights is reused."""
         ...
 
     def pending_requests(self) -> int: ...

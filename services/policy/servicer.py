@@ -24,7 +24,7 @@ from rlhf.plumbing.info import server_info
 from rlhf.plumbing.logs import current_request_id
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.policy import push
-from services.policy.adapters import AdapterRegistry, Kept, check_name
+from services.policy.adapters import AdapterRegistry, Kept, Lease, check_name
 from services.policy.config import PolicyConfig
 from services.policy.engine import CompletionDelta, Engine, Sampling
 from services.policy.requests import (
@@ -161,12 +161,16 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     # ------------------------------------------------------------------ generation
 
-    async def _complete(self, ids, sampling: Sampling, request_id: str, handle):
+    async def _complete(self, ids, sampling: Sampling, request_id: str, lease: Lease):
+        """The prompt's completions, and the version that finished them when the weights
+        changed under them (else None)."""
         final: dict[int, CompletionDelta] = {}
-        async for out in self.engine.generate(ids, sampling, request_id, handle, stream=False):
+        async for out in self.engine.generate(ids, sampling, request_id, lease.handle,
+                                              stream=False):
             for c in out.completions:
                 final[c.index] = c
-        return [final[i] for i in sorted(final)]
+        now, switched = self.registry.finished_by(lease)
+        return [final[i] for i in sorted(final)], (served_by(now) if switched else None)
 
     def _prepare(self, prompts, params, single: bool = False):
         limits = self.limits
@@ -198,7 +202,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     async with asyncio.TaskGroup() as tg:
                         tasks = [
                             tg.create_task(
-                                self._complete(ids, s, f"{rid}-{tag}-{i}", lease.handle))
+                                self._complete(ids, s, f"{rid}-{tag}-{i}", lease))
                             for i, (ids, s) in enumerate(prepared)
                         ]
                 except ExceptionGroup as group:
@@ -208,9 +212,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         response = policy_pb2.GenerateResponse(request_id=rid)
         generated = 0
         for i, ((ids, _), task) in enumerate(zip(prepared, tasks, strict=True)):
+            completions, finished_by = task.result()
             result = response.results.add(prompt_index=i, prompt_token_ids=ids,
-                                          served_by=served_by(lease.served))
-            for c in task.result():
+                                          served_by=served_by(lease.served),
+                                          finished_by=finished_by)
+            for c in completions:
                 generated += len(c.token_ids)
                 result.completions.append(policy_pb2.Completion(
                     index=c.index, text=c.text, token_ids=c.token_ids, logprobs=c.logprobs,
@@ -246,9 +252,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                             logprobs=c.logprobs, top_logprobs=_top(c),
                             finish_reason=FINISH.get(c.finish_reason), stop_string=c.stop_string,
                         )
+                now, switched = self.registry.finished_by(lease)
         self.stats.generated_tokens.inc(generated)
         yield policy_pb2.GenerateStreamResponse(
-            usage=common_pb2.Usage(prompt_tokens=len(ids), completion_tokens=generated)
+            usage=common_pb2.Usage(prompt_tokens=len(ids), completion_tokens=generated),
+            finished_by=served_by(now) if switched else None,
         )
 
     # ------------------------------------------------------------------ adapters

@@ -177,8 +177,9 @@ class VllmEngine:
         from services.policy.merge import reload_merged
 
         async with self._merged_lock:
-            # "wait": requests already in the engine finish on the old weights; none is aborted.
-            await self.llm.pause_generation(mode="wait")
+            # "keep": requests in the engine stay there; none is aborted. The registry has
+            # already drained the ones pinned to the old version.
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
             try:
                 base = str(self.config.resolved_model())
                 adapter = str(weights_dir) if weights_dir is not None else None
@@ -189,7 +190,10 @@ class VllmEngine:
                     cloudpickle.dumps(reload_merged),
                     kwargs={"base_dir": base, "adapter_dir": adapter},
                 )
-                await self.llm.reset_prefix_cache()
+                # Requests still running go on with the new weights from a clean state: vLLM
+                # preempts them and recomputes their prompt and tokens so far, and no cached
+                # prefix of the old weights survives.
+                await self.llm.reset_prefix_cache(reset_running_requests=True)
             finally:
                 await self.llm.resume_generation()
 
