@@ -1,8 +1,9 @@
 """Adapter hot swap under steady load, in each adapter mode: 20 pushes of an r=16 adapter of the
 default model while clients keep generating. Prints push-to-first-served latency p50/p99 (from
 the start of the push to the first token produced by the new version, seen by a probe that
-streams one-token requests back to back), failed requests (must be 0), and the clients' p99
-request latency during swaps divided by their steady-state p99.
+streams one-token requests back to back; a probe request a merged-mode switch moved onto the new
+weights counts for the new version), failed requests (must be 0), and the clients' p99 request
+latency during swaps divided by their steady-state p99.
 Targets: p50 <= 250 ms on this CPU, ratio <= 1.5.
 
     python bench/adapter_swap.py [--pushes 20 --clients 4 --dtype bfloat16]
@@ -56,15 +57,22 @@ async def run_mode(mode: str, adapters: list[Path], args) -> dict:
         req = policy_pb2.GenerateStreamRequest(
             prompt=prompts[0], params=policy_pb2.SamplingParams(max_tokens=1, seed=0))
         while not stop.is_set():
-            served = None
+            served, token_at = None, None
             try:
                 async for msg in stub.GenerateStream(req, timeout=120):
                     if msg.HasField("served_by"):
                         served = msg.served_by
-                    elif msg.token_ids and served is not None and not served.base:
-                        first_served.setdefault(served.adapter.version, time.perf_counter())
+                    if msg.token_ids and token_at is None:
+                        token_at = time.perf_counter()
+                    if msg.HasField("finished_by"):
+                        # A merged-mode switch landed while this request ran: its one token
+                        # came from the new weights (see PromptResult.finished_by).
+                        served = msg.finished_by
             except grpc.aio.AioRpcError as exc:
                 failures.append(f"probe {exc.code().name}: {exc.details()}")
+                continue
+            if token_at is not None and served is not None and not served.base:
+                first_served.setdefault(served.adapter.version, token_at)
 
     try:
         tasks = [asyncio.create_task(client(i)) for i in range(args.clients)]

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import cloudpickle
 import grpc
 import pytest
 
 from rlhf.adapter_push import push_adapter
 from rlhf.v1 import policy_pb2
+from services.policy.merge import reload_merged
 from tests.policy_helpers import (
     ADMIN,
     base,
@@ -90,6 +92,16 @@ async def test_merging_every_linear_layer_then_fewer_restores_the_rest(policy, t
     await push_adapter(policy.channel, narrow, "wide", 2, "tiny", token=ADMIN)
     assert await generate_greedy(policy, 10) == (
         hf_greedy(policy.model_dir, narrow, PROMPT, 10), ("wide", 2))
+
+    # Layers the in-place path doesn't know (quantized, tensor parallel) go through vLLM's
+    # reload_weights instead: same weights. Driven directly here, on the idle engine.
+    engine = policy.server.app.engine
+    for adapter in (wide, narrow):
+        await engine.llm.collective_rpc(cloudpickle.dumps(reload_merged), kwargs={
+            "base_dir": str(policy.model_dir), "adapter_dir": str(adapter), "in_place": False})
+        await engine.llm.reset_prefix_cache()
+        assert (await generate_greedy(policy, 10))[0] == hf_greedy(
+            policy.model_dir, adapter, PROMPT, 10)
     await _set_active(policy, None)
 
 

@@ -23,25 +23,35 @@ from pathlib import Path
 log = logging.getLogger("rlhf.policy.merge")
 
 
-def lora_deltas(adapter_dir: Path) -> dict[str, object]:
-    """Module path -> delta weight (out, in) as float32 tensors."""
-    import torch
+def lora_factors(adapter_dir: Path) -> dict[str, tuple[object, object, float]]:
+    """Module path -> (B, A, scale) as float32, so that delta W = scale * B @ A."""
     from safetensors.torch import load_file
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     alpha = cfg.get("lora_alpha", cfg["r"])
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    pairs: dict[str, dict[str, object]] = {}
     for key, value in tensors.items():
         m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
         if m:
             pairs.setdefault(m.group(1), {})[m.group(2)] = value.float()
-    deltas = {}
+    factors = {}
     for module, ab in pairs.items():
         r = ab["A"].shape[0]
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        deltas[module] = scale * (ab["B"] @ ab["A"])
-    return deltas
+        factors[module] = (ab["B"], ab["A"], scale)
+    return factors
+
+
+def merged_weight(base, factors) -> object:
+    """base + scale * B @ A, computed in float32 (one fused op) and rounded once to base's
+    dtype; base itself when the adapter leaves the module alone (factors None)."""
+    import torch
+
+    if factors is None:
+        return base
+    b, a, scale = factors
+    return torch.addmm(base.float(), b, a, alpha=scale).to(base.dtype)
 
 
 def _base_weights(inner, base_dir: str, modules: set[str]) -> dict[str, object]:
@@ -120,34 +130,36 @@ def _swap_in_place(model, targets: dict[str, list[str]], weights: dict[str, obje
     return True
 
 
-def reload_merged(worker, base_dir: str, adapter_dir: str | None) -> list[str]:
+def reload_merged(worker, base_dir: str, adapter_dir: str | None,
+                  in_place: bool = True) -> list[str]:
     """Worker-side: merge adapter_dir into the base weights of the served model (None = base).
-    Returns the checkpoint weight names rewritten."""
+    Returns the checkpoint weight names rewritten. in_place=False takes vLLM's generic path."""
     inner = getattr(worker, "worker", worker)
     runner = inner.model_runner
     model = runner.get_model()
-    deltas = lora_deltas(Path(adapter_dir)) if adapter_dir else {}
+    lora = lora_factors(Path(adapter_dir)) if adapter_dir else {}
     previous: set[str] = getattr(inner, "_rlhf_merged_modules", set())
-    targets = _fused_targets(model, set(deltas) | previous)
+    targets = _fused_targets(model, set(lora) | previous)
     # Fused layers are rewritten whole, so their untouched shards are needed too (base values).
     shards = {s for group in targets.values() for s in group}
     base = _base_weights(inner, base_dir, shards)
-    if set(deltas) - set(base):
-        raise ValueError(f"base model has no weights for {sorted(set(deltas) - set(base))}")
-    weights = {m: base[m] if m not in deltas else (base[m].float() + deltas[m]).to(base[m].dtype)
-               for m in base}
+    if set(lora) - set(base):
+        raise ValueError(f"base model has no weights for {sorted(set(lora) - set(base))}")
+    weights = {m: merged_weight(w, lora.get(m)) for m, w in base.items()}
     tp = getattr(inner, "parallel_config", None)
-    if (tp is None or tp.tensor_parallel_size == 1) and _swap_in_place(model, targets, weights):
-        inner._rlhf_merged_modules = set(deltas)
+    if in_place and (tp is None or tp.tensor_parallel_size == 1) and _swap_in_place(
+            model, targets, weights):
+        inner._rlhf_merged_modules = set(lora)
         return sorted(f"{m}.weight" for m in weights)
-    log.warning("merged mode: these layers are rebuilt through vLLM's slower reload_weights")
+    if in_place:
+        log.warning("merged mode: these layers are rebuilt through vLLM's slower reload_weights")
     # vLLM processes a fused layer only once all its shards arrive, so every weight of a
     # touched block goes in, untouched ones with their base values.
     blocks = {m.rsplit(".", 1)[0] for m in shards}
     everything = _base_weights(inner, base_dir, _block_modules(base_dir, blocks))
     items = [(f"{m}.weight", weights.get(m, w)) for m, w in everything.items()]
     runner.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
-    inner._rlhf_merged_modules = set(deltas)
+    inner._rlhf_merged_modules = set(lora)
     return sorted(k for k, _ in items)
 
 

@@ -179,7 +179,9 @@ class VllmEngine:
         async with self._merged_lock:
             # "keep": requests in the engine stay there; none is aborted. The registry has
             # already drained the ones pinned to the old version.
-            await self.llm.pause_generation(mode="keep", clear_cache=False)
+            # (AsyncLLM.pause_generation would add a 20 ms sleep meant for callers that
+            # want the last outputs delivered first; ours go on, so it's pure delay.)
+            await self.llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
             try:
                 base = str(self.config.resolved_model())
                 adapter = str(weights_dir) if weights_dir is not None else None
