@@ -57,6 +57,14 @@ def chat_prompts(n: int = 32):
     ]
 
 
+# Benchmark mode names -> (adapter_mode, config overrides).
+POLICY_MODES = {
+    "lora": ("lora", {}),
+    "lora-vllm-ops": ("lora", {"cpu_lora_ops": "vllm"}),
+    "merged": ("merged", {}),
+}
+
+
 async def start_policy(mode: str = "lora", dtype: str = "bfloat16", **overrides):
     """An in-process policy server on the default model; returns (server, channel)."""
     import grpc
@@ -66,7 +74,8 @@ async def start_policy(mode: str = "lora", dtype: str = "bfloat16", **overrides)
     from services.policy.config import PolicyConfig
 
     cfg = PolicyConfig.load(
-        grpc_port=0, metrics_port=0, model=default_model(), data_dir=_TMP / f"data-{mode}",
+        grpc_port=0, metrics_port=0, model=default_model(),
+        data_dir=Path(tempfile.mkdtemp(prefix=f"data-{mode}-", dir=_TMP)),
         dtype=dtype, adapter_mode=mode, max_model_len=1024, kv_cache_gib=2.0, max_num_seqs=128,
         max_pending_sequences=4096, **overrides,
     )

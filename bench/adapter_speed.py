@@ -1,6 +1,8 @@
 """Speed with an active r=16 adapter (q/k/v/o) in each adapter mode, divided by the base model's
 speed on the same server, same workload (default 32 prompts x n=4 x 64 tokens, SmolLM2).
 Target: merged >= 0.9 (vLLM's CPU LoRA path was measured at about a quarter of base speed).
+Mode `lora-vllm-ops` is lora mode with vLLM's own CPU LoRA ops instead of the grouped ones
+(services/policy/cpu_lora.py), for the side-by-side ratio.
 
     python bench/adapter_speed.py [--prompts 32 --n 4 --tokens 64 --dtype bfloat16]
 """
@@ -35,7 +37,8 @@ async def measure(mode: str, adapter: Path, args) -> dict:
     from rlhf.v1 import policy_pb2, policy_pb2_grpc
 
     prompts = C.chat_prompts(args.prompts)
-    server, channel = await C.start_policy(mode, args.dtype)
+    adapter_mode, overrides = C.POLICY_MODES[mode]
+    server, channel = await C.start_policy(adapter_mode, args.dtype, **overrides)
     try:
         base_id = server.app.config.resolved_base_model_id()
         active = policy_pb2.ADAPTER_TARGET_ACTIVE
@@ -71,6 +74,11 @@ async def main(args) -> None:
               f"{f['adapter_tokens_per_s']:7.1f} tokens/s, ratio {f['ratio']:.3f}")
     if "merged" in figures:
         print(f"merged ratio {figures['merged']['ratio']:.3f} (target >= 0.9)")
+    if {"lora", "lora-vllm-ops"} <= set(figures):
+        gain = (figures["lora"]["adapter_tokens_per_s"]
+                / figures["lora-vllm-ops"]["adapter_tokens_per_s"])
+        figures["lora_grouped_over_vllm_ops"] = round(gain, 3)
+        print(f"lora mode with an adapter: grouped ops / vLLM's ops {gain:.2f}x")
     C.report("adapter_speed", {"prompts": args.prompts, "n": args.n, "tokens": args.tokens,
                                "dtype": args.dtype, "rank": 16, **figures})
 
@@ -82,5 +90,6 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--modes", nargs="+", default=["lora", "merged"])
+    parser.add_argument("--modes", nargs="+", default=["lora", "lora-vllm-ops", "merged"],
+                        choices=list(C.POLICY_MODES))
     asyncio.run(main(parser.parse_args()))

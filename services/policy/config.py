@@ -45,6 +45,10 @@ class PolicyConfig(ServiceConfig):
     adapter_mode: Literal["lora", "merged"] = Field(
         "lora", description="lora: every kept version servable; merged: active one merged in."
     )
+    cpu_lora_ops: Literal["grouped", "vllm"] = Field(
+        "grouped", description="CPU build, lora mode: grouped = one matmul per adapter in the "
+        "batch (services/policy/cpu_lora.py); vllm = vLLM's own per-token ops.",
+    )
     max_lora_rank: int = Field(16, description="Largest LoRA rank accepted (a vLLM rank).")
     keep_versions: int = Field(4, ge=1, description="Adapter versions kept loaded per name.")
     max_loaded_adapters: int = Field(

@@ -87,6 +87,13 @@ class VllmEngine:
         self.llm = AsyncLLM.from_engine_args(
             args, stat_loggers=[make_stat_logger_factory(self.stats)]
         )
+        if lora and cfg.cpu_lora_ops == "grouped":
+            import cloudpickle
+
+            from services.policy import cpu_lora
+
+            # Before the first request; a no-op off CPU (vLLM's own kernels run there).
+            await self.llm.collective_rpc(cloudpickle.dumps(cpu_lora.install))
         self.vocab_size = self.llm.model_config.get_vocab_size()
         self.max_model_len = self.llm.model_config.max_model_len
         self.version = vllm.__version__
