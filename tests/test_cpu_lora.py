@@ -132,3 +132,63 @@ def test_a_slot_the_adapter_leaves_empty_is_skipped_and_rechecked_after_a_write(
     a[1, 0].copy_(a[2, 0])  # in place, as vLLM's set_lora does
     cpu_lora.bgmv_shrink(x, a, buf, idx, 1.0)
     torch.testing.assert_close(buf, x.float() @ a[2, 0].float().T, rtol=1e-5, atol=1e-5)
+
+
+def _wrapper(token_ids: list[int], slot_ids: list[int | None]):
+    """A real vLLM CPU punica wrapper for a decode step of these tokens (LoRA id per token, 0 =
+    none), with its metadata updated through our hook (vLLM's update, then the groups)."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    wrapper = PunicaWrapperCPU(64, 8, "cpu")
+    mapping = LoRAMapping(tuple(token_ids), tuple(token_ids), is_prefill=False)
+    cpu_lora.update_metadata(wrapper, mapping, slot_ids, len(slot_ids), 1000)
+    return wrapper
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ids", [[7, 7, 7, 7, 7], [7, 0, 9, 9, 0], [0, 0, 0, 0, 0]])
+def test_a_whole_layer_at_once_equals_vllms_per_slice_path(ids, dtype):
+    """qkv-like layer (three slices of different widths), LoRA ids 7 and 9 in slots 1 and 3,
+    0 = base model. vLLM's own add_lora_linear (with its own per-token ops) is the reference;
+    its last slot stays empty, as the engine keeps it, so that vLLM's slot -1 adds zeros."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    assert PunicaWrapperCPU.add_lora_linear is not cpu_lora.add_lora_linear  # not patched here
+    gen = torch.Generator().manual_seed(1)
+    slices = (32, 16, 16)
+    a = tuple(torch.randn(5, 1, RANK, HIDDEN, generator=gen).to(dtype) for _ in slices)
+    b = tuple(torch.randn(5, 1, size, RANK, generator=gen).to(dtype) for size in slices)
+    for t in a + b:
+        t[4].zero_()
+    b[1][3].zero_()  # adapter 9 leaves the second slice alone
+    wrapper = _wrapper(ids, [None, 7, None, 9, None])
+    x = torch.randn(len(ids), HIDDEN, generator=gen).to(dtype)
+    y0 = torch.randn(len(ids), sum(slices), generator=gen).to(dtype)
+    ours, theirs = y0.clone(), y0.clone()
+    cpu_lora.add_lora_linear(wrapper, ours, x, a, b, 1.0, slices)
+    PunicaWrapperCPU.add_lora_linear(wrapper, theirs, x, a, b, 1.0, slices)
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+    for row, lora_id in enumerate(ids):
+        if lora_id == 0:  # base-model tokens are left alone
+            assert torch.equal(ours[row], y0[row])
+
+
+def test_the_built_layer_follows_writes_to_the_slot():
+    """vLLM loads another adapter into a slot in place: the next step must use it."""
+    gen = torch.Generator().manual_seed(2)
+    a = (torch.randn(2, 1, RANK, HIDDEN, generator=gen),)
+    b = (torch.randn(2, 1, OUT, RANK, generator=gen),)
+    wrapper = _wrapper([5, 5], [5, None])
+    x = torch.randn(2, HIDDEN, generator=gen)
+    first = torch.zeros(2, OUT)
+    cpu_lora.add_lora_linear(wrapper, first, x, a, b, 1.0, (OUT,))
+    a[0][0, 0].mul_(2.0)
+    second = torch.zeros(2, OUT)
+    cpu_lora.add_lora_linear(wrapper, second, x, a, b, 1.0, (OUT,))
+    torch.testing.assert_close(second, 2 * first, rtol=1e-5, atol=1e-5)
+    b[0][0].zero_()  # the slot now holds nothing for this layer
+    third = torch.ones(2, OUT)
+    cpu_lora.add_lora_linear(wrapper, third, x, a, b, 1.0, (OUT,))
+    assert torch.equal(third, torch.ones(2, OUT))

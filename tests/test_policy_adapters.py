@@ -85,6 +85,18 @@ async def test_mixed_batch_gives_each_request_its_own_weights(policy, tiny_adapt
     assert {served for _, served in results} == set(want)
 
 
+async def test_the_engine_runs_the_grouped_cpu_lora_ops(policy):
+    """The equivalence tests in this file run through services/policy/cpu_lora.py: the engine
+    process swapped them in at start (cpu_lora_ops = grouped, the default)."""
+    import cloudpickle
+
+    from services.policy import cpu_lora
+
+    [names] = await policy.app.engine.llm.collective_rpc(cloudpickle.dumps(cpu_lora.installed))
+    assert set(names) == {*cpu_lora._OPS, "PunicaWrapperCPU.update_metadata",
+                          "PunicaWrapperCPU.add_lora_linear"}
+
+
 async def test_rollback_and_list(policy, tiny_adapters):
     await _push(policy, tiny_adapters[0], "rb", 1)
     await _push(policy, tiny_adapters[1], "rb", 2)
