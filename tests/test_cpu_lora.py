@@ -192,3 +192,16 @@ def test_the_built_layer_follows_writes_to_the_slot():
     third = torch.ones(2, OUT)
     cpu_lora.add_lora_linear(wrapper, third, x, a, b, 1.0, (OUT,))
     assert torch.equal(third, torch.ones(2, OUT))
+
+
+def test_a_write_to_another_slot_keeps_what_was_built_for_this_one():
+    gen = torch.Generator().manual_seed(3)
+    a = (torch.randn(3, 1, RANK, HIDDEN, generator=gen),)
+    b = (torch.randn(3, 1, OUT, RANK, generator=gen),)
+    built = cpu_lora._fused(a, b, (OUT,), 0, torch.float32)
+    a[0][1].normal_(generator=gen)  # another adapter loaded into slot 1
+    assert cpu_lora._fused(a, b, (OUT,), 0, torch.float32) is built
+    a[0][0].normal_(generator=gen)
+    rebuilt = cpu_lora._fused(a, b, (OUT,), 0, torch.float32)
+    assert rebuilt is not built
+    torch.testing.assert_close(rebuilt[1][0], a[0][0, 0].T)

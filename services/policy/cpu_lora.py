@@ -166,8 +166,9 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
 # per slot and layer, rebuilt when vLLM writes the slot. The token -> slot grouping is computed
 # once per step, when vLLM updates the wrapper's metadata.
 
-# (first A's address, slot, dtype) -> (versions of every A and B it was built from, built)
-_FUSED: dict[tuple, tuple[tuple[int, ...], tuple | None]] = {}
+# (first A's address, slot, dtype) -> (versions of every A and B when checked, what was built,
+# a copy of the slot's A and B it was built from)
+_FUSED: dict[tuple, tuple] = {}
 _ORIGINAL: dict[str, object] = {}
 # Token counts up to this take the float32 path (measured on SmolLM2 shapes, 2-core AMX CPU:
 # 5 tokens 15 us vs 51 us in bf16; 64 tokens about even; 512 tokens bf16 5x faster).
@@ -183,11 +184,22 @@ def _fused(lora_a_stacked, lora_b_stacked, output_slices, slot: int, dtype):
     seen = _FUSED.get(key)
     if seen is not None and seen[0] == versions:
         return seen[1]
+    # The version counters are per tensor, so loading an adapter into any slot moves them for
+    # every slot of the layer: compare this slot's weights with what it was built from before
+    # building it again (a push would otherwise rebuild every slot in use, in the step that
+    # first serves the new version).
+    snapshot = [(a[slot], b[slot]) for a, b in zip(lora_a_stacked, lora_b_stacked, strict=True)]
+    if seen is not None and all(torch.equal(now_a, then_a) and torch.equal(now_b, then_b)
+                                for (now_a, now_b), (then_a, then_b) in zip(
+                                    snapshot, seen[2], strict=True)):
+        _FUSED[key] = (versions, seen[1], seen[2])
+        return seen[1]
+    snapshot = [(now_a.clone(), now_b.clone()) for now_a, now_b in snapshot]
     a_parts, b_parts, offsets, offset = [], [], [], 0
     for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
         a_slot, b_slot = _slot_weight(a, slot, dtype), _slot_weight(b, slot, dtype)
         if b_slot.shape[0] != size or a_slot.shape[0] != b_slot.shape[1]:
-            _FUSED[key] = (versions, "unknown")
+            _FUSED[key] = (versions, "unknown", snapshot)
             return "unknown"
         if bool(a_slot.any()) and bool(b_slot.any()):
             a_parts.append(a_slot)
@@ -205,7 +217,7 @@ def _fused(lora_a_stacked, lora_b_stacked, output_slices, slot: int, dtype):
         # Transposed once here, and in float32 too: see add_lora_linear.
         built = ((a_cat.T.contiguous(), b_diag.T.contiguous()),
                  (a_cat.T.float().contiguous(), b_diag.T.float().contiguous()))
-    _FUSED[key] = (versions, built)
+    _FUSED[key] = (versions, built, snapshot)
     return built
 
 
