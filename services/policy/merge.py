@@ -44,14 +44,15 @@ def lora_factors(adapter_dir: Path) -> dict[str, tuple[object, object, float]]:
 
 
 def merged_weight(base, factors) -> object:
-    """base + scale * B @ A, computed in float32 (one fused op) and rounded once to base's
-    dtype; base itself when the adapter leaves the module alone (factors None)."""
+    """base + scale * B @ A in float32 (one fused op), left in float32: it is rounded once, when
+    it is written into the served layer's dtype. base itself when the adapter leaves the
+    module alone (factors None)."""
     import torch
 
     if factors is None:
         return base
     b, a, scale = factors
-    return torch.addmm(base.float(), b, a, alpha=scale).to(base.dtype)
+    return torch.addmm(base.float(), b, a, alpha=scale)
 
 
 def _base_weights(inner, base_dir: str, modules: set[str]) -> dict[str, object]:
@@ -107,13 +108,20 @@ def _swap_in_place(model, targets: dict[str, list[str]], weights: dict[str, obje
             return False
         if any(s not in weights for s in shards):
             return False
-        dtype = layer.params_dtype
-        fused = torch.cat([weights[s].to(dtype) for s in shards], dim=0)
         expected = (sum(getattr(layer, "output_partition_sizes", [layer.output_size])),
                     layer.input_size_per_partition
                     if hasattr(layer, "input_size_per_partition") else layer.input_size)
-        if tuple(fused.shape) != tuple(expected):
+        parts = [weights[s] for s in shards]
+        if (any(w.dim() != 2 or w.shape[1] != expected[1] for w in parts)
+                or sum(w.shape[0] for w in parts) != expected[0]):
             return False
+        # One pass per shard from the merged float32 result into the layer's dtype, straight
+        # into its rows of the fused weight (a cast then a cat is two more passes).
+        fused = torch.empty(expected, dtype=layer.params_dtype)
+        row = 0
+        for w in parts:
+            fused[row: row + w.shape[0]].copy_(w)
+            row += w.shape[0]
         if not on_cpu and tuple(layer.weight.shape) != tuple(fused.shape):
             return False
         staged.append((layer, fused))
@@ -123,7 +131,7 @@ def _swap_in_place(model, targets: dict[str, list[str]], weights: dict[str, obje
             # give the layer its new weight and let the same dispatch pack it again.
             from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-            layer.weight = torch.nn.Parameter(fused.contiguous(), requires_grad=False)
+            layer.weight = torch.nn.Parameter(fused, requires_grad=False)
             dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
         else:
             layer.weight.data.copy_(fused.to(layer.weight.device))
