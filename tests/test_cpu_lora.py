@@ -205,3 +205,24 @@ def test_a_write_to_another_slot_keeps_what_was_built_for_this_one():
     rebuilt = cpu_lora._fused(a, b, (OUT,), 0, torch.float32)
     assert rebuilt is not built
     torch.testing.assert_close(rebuilt[1][0], a[0][0, 0].T)
+
+
+def test_without_this_steps_groups_the_layer_goes_to_vllms_path():
+    """A wrapper whose metadata vLLM updated without our hook (or a token count that doesn't
+    match it) takes vLLM's own add_lora_linear: same result as calling it directly."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    gen = torch.Generator().manual_seed(4)
+    a = (torch.randn(3, 1, RANK, HIDDEN, generator=gen),)
+    b = (torch.randn(3, 1, OUT, RANK, generator=gen),)
+    for t in a + b:
+        t[2].zero_()
+    wrapper = PunicaWrapperCPU(64, 8, "cpu")
+    wrapper.update_metadata(LoRAMapping((5, 5, 5), (5, 5, 5)), [5, None, None], 3, 1000)
+    x = torch.randn(3, HIDDEN, generator=gen)
+    ours, theirs = torch.zeros(3, OUT), torch.zeros(3, OUT)
+    cpu_lora.add_lora_linear(wrapper, ours, x, a, b, 1.0, (OUT,))
+    PunicaWrapperCPU.add_lora_linear(wrapper, theirs, x, a, b, 1.0, (OUT,))
+    torch.testing.assert_close(ours, theirs)
+    assert ours.abs().sum() > 0

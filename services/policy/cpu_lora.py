@@ -172,7 +172,7 @@ _FUSED: dict[tuple, tuple] = {}
 _ORIGINAL: dict[str, object] = {}
 # Token counts up to this take the float32 path (measured on SmolLM2 shapes, 2-core AMX CPU:
 # 5 tokens 15 us vs 51 us in bf16; 64 tokens about even; 512 tokens bf16 5x faster).
-_FLOAT32_BELOW = 32
+_FLOAT32_UP_TO = 32
 
 
 def _fused(lora_a_stacked, lora_b_stacked, output_slices, slot: int, dtype):
@@ -248,7 +248,7 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
         if fused is None:
             continue
         xs = x2 if rows is None else x2.index_select(0, rows)
-        if xs.shape[0] <= _FLOAT32_BELOW:
+        if xs.shape[0] <= _FLOAT32_UP_TO:
             # A few tokens (decode steps): float32 matmuls are ~3x faster than bf16 at this
             # size on CPU (no oneDNN set-up per call), and at least as exact.
             a_t, b_t = fused[1]
