@@ -4,16 +4,21 @@ vLLM's PyTorch-native punica ops (vllm/lora/ops/torch_ops, what its CPU build ru
 token's adapter weights out of the stacked slots ((tokens, out, r) per slice, converted to the
 compute dtype) and then do one mat-vec per token. A batch holds few distinct adapters, usually
 one, so the ops here group the tokens by adapter slot and run one matmul per slot instead: the
-same products, no per-token copies. Measured on SmolLM2 with an r=16 adapter: bench/adapter_speed.
+same products, no per-token copies. Two levels:
+
+- the per-slice ops (same names and signatures as vLLM's), which vLLM's wrapper still calls for
+  embeddings, logits and whatever doesn't go through add_lora_linear;
+- add_lora_linear for whole linear layers (further down): one product per adapter for all the
+  slices of a layer, with the token grouping computed once per step.
 
 They also fix what vLLM's ops do with slot -1 ("no adapter"): indexing with -1 picks the last
 slot, so base-model tokens got the last slot's adapter whenever every slot was in use (the
 mixed-batch bug in DESIGN.md). Here slot -1 contributes nothing.
 
-Same signatures and dtype rules as vLLM's ops (shrink computes in its float32 buffer's dtype,
-expand in the output's), so results match them to float rounding; calls whose shapes don't line
-up one row per token are handed to vLLM's own op. `install` runs in the engine process (through
-collective_rpc, like merge.py) and swaps these in for the names vLLM's CPU punica wrapper calls.
+Same dtype rules as vLLM's ops, so results match them to float rounding; calls whose shapes
+don't fit one row per token go to vLLM's own op. `install` runs in the engine process (through
+collective_rpc, like merge.py) and swaps these in where vLLM's CPU punica wrapper looks them up.
+Measured on SmolLM2 with an r=16 adapter: bench/adapter_speed.py (docs/policy.md).
 """
 
 from __future__ import annotations
