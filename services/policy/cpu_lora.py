@@ -31,6 +31,7 @@ log = logging.getLogger("rlhf.policy.cpu_lora")
 
 _OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice",
         "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
+_METHODS = ("update_metadata", "add_lora_linear")  # of PunicaWrapperCPU
 
 
 def slot_groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
@@ -175,6 +176,7 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
 # a copy of the slot's A and B it was built from)
 _FUSED: dict[tuple, tuple] = {}
 _ORIGINAL: dict[str, object] = {}
+_UNKNOWN = object()  # a layer whose shapes the whole-layer path doesn't know
 # Token counts up to this take the float32 path (measured on SmolLM2 shapes, 2-core AMX CPU:
 # 5 tokens 15 us vs 51 us in bf16; 64 tokens about even; 512 tokens bf16 5x faster).
 _FLOAT32_UP_TO = 32
@@ -182,7 +184,7 @@ _FLOAT32_UP_TO = 32
 
 def _fused(lora_a_stacked, lora_b_stacked, output_slices, slot: int, dtype):
     """((A_cat.T, B_diag.T) in the layer's dtype, the same in float32) for one slot of one
-    layer; None when the slot is empty there, "unknown" for shapes this path doesn't know."""
+    layer; None when the slot is empty there, _UNKNOWN for shapes this path doesn't know."""
     key = (lora_a_stacked[0].data_ptr(), slot, dtype)
     versions = tuple(t._version for t in lora_a_stacked) + tuple(
         t._version for t in lora_b_stacked)
@@ -204,9 +206,9 @@ def _fused(lora_a_stacked, lora_b_stacked, output_slices, slot: int, dtype):
     for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
         a_slot, b_slot = _slot_weight(a, slot, dtype), _slot_weight(b, slot, dtype)
         if b_slot.shape[0] != size or a_slot.shape[0] != b_slot.shape[1]:
-            _FUSED[key] = (versions, "unknown", snapshot)
-            return "unknown"
-        if bool(a_slot.any()) and bool(b_slot.any()):
+            _FUSED[key] = (versions, _UNKNOWN, snapshot)
+            return _UNKNOWN
+        if _slot_used(a, slot) and _slot_used(b, slot):
             a_parts.append(a_slot)
             b_parts.append(b_slot)
             offsets.append(offset)
@@ -240,13 +242,11 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
     groups = getattr(self, "_rlhf_groups", None)
     x2 = x.reshape(-1, x.shape[-1])
     y2 = y.view(-1, y.shape[-1]) if y.is_contiguous() else None
-    if (groups is None or y2 is None or groups[0] != x2.shape[0] or y2.shape[0] != x2.shape[0]
-            or buffer is not None):
-        return _vllm_method("add_lora_linear")(self, y, x, lora_a_stacked, lora_b_stacked,
-                                               scale, output_slices, buffer=buffer, **kwargs)
+    ours = (groups is not None and y2 is not None and buffer is None
+            and groups[0] == x2.shape[0] == y2.shape[0])
     built = [(slot, rows, _fused(lora_a_stacked, lora_b_stacked, output_slices, slot, y.dtype))
-             for slot, rows in groups[1]]
-    if any(f == "unknown" for _, _, f in built):
+             for slot, rows in groups[1]] if ours else []
+    if not ours or any(fused is _UNKNOWN for _, _, fused in built):
         return _vllm_method("add_lora_linear")(self, y, x, lora_a_stacked, lora_b_stacked,
                                                scale, output_slices, buffer=buffer, **kwargs)
     for _, rows, fused in built:
@@ -292,7 +292,7 @@ def install(worker=None) -> list[str]:
     for name in replaced:
         setattr(punica_cpu, name, ours[name])
     cls = punica_cpu.PunicaWrapperCPU
-    for name in ("update_metadata", "add_lora_linear"):
+    for name in _METHODS:
         if name not in _ORIGINAL:
             _ORIGINAL[name] = getattr(cls, name)
             setattr(cls, name, ours[name])
@@ -306,6 +306,6 @@ def installed(worker=None) -> list[str]:
     from vllm.lora.punica_wrapper import punica_cpu
 
     ours = [name for name in _OPS if getattr(punica_cpu, name, None) is globals()[name]]
-    ours += [f"PunicaWrapperCPU.{name}" for name in ("update_metadata", "add_lora_linear")
+    ours += [f"PunicaWrapperCPU.{name}" for name in _METHODS
              if getattr(punica_cpu.PunicaWrapperCPU, name) is globals()[name]]
     return ours
