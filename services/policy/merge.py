@@ -43,24 +43,27 @@ def lora_factors(adapter_dir: Path) -> dict[str, tuple[object, object, float]]:
     return factors
 
 
-def merged_weight(base, factors) -> object:
-    """base + scale * B @ A in float32 (one fused op), left in float32: it is rounded once, when
-    it is written into the served layer's dtype. base itself when the adapter leaves the
-    module alone (factors None)."""
+def merge_into(out, base, factors) -> None:
+    """out = base + scale * B @ A, one fused op in the served dtype (the base weights are cached
+    in it); base itself when the adapter leaves the module alone (factors None). In bfloat16 the
+    sum is accumulated in float32 and rounded once, so it is within one bf16 step of the same
+    merge done wholly in float32 (the vLLM model holds the base rounded to bf16 anyway)."""
     import torch
 
     if factors is None:
-        return base
+        out.copy_(base)
+        return
     b, a, scale = factors
-    return torch.addmm(base.float(), b, a, alpha=scale)
+    torch.addmm(base, b.to(base.dtype), a.to(base.dtype), alpha=scale, out=out)
 
 
-def _base_weights(inner, base_dir: str, modules: set[str]) -> dict[str, object]:
-    """Checkpoint weights of `modules` (module path -> tensor), cached on the worker: a merge
-    reads only the shards it has not read before."""
+def _base_weights(inner, base_dir: str, modules: set[str], dtype=None) -> dict[str, object]:
+    """Checkpoint weights of `modules` (module path -> tensor), cast to `dtype` when given and
+    cached on the worker: a merge reads only the shards it has not read before."""
     from safetensors import safe_open
 
-    cache: dict[str, object] = inner.__dict__.setdefault("_rlhf_base_weights", {})
+    caches = inner.__dict__.setdefault("_rlhf_base_weights", {})
+    cache: dict[str, object] = caches.setdefault(dtype, {})
     missing = {m for m in modules if m not in cache}
     if missing:
         for file in sorted(Path(base_dir).glob("*.safetensors")):
@@ -68,7 +71,8 @@ def _base_weights(inner, base_dir: str, modules: set[str]) -> dict[str, object]:
                 for key in f.keys():
                     module = key[: -len(".weight")] if key.endswith(".weight") else None
                     if module in missing:
-                        cache[module] = f.get_tensor(key)
+                        tensor = f.get_tensor(key)
+                        cache[module] = tensor if dtype is None else tensor.to(dtype)
     return {m: cache[m] for m in modules if m in cache}
 
 
@@ -89,7 +93,17 @@ def _fused_targets(model, modules: set[str]) -> dict[str, list[str]]:
     return layers
 
 
-def _swap_in_place(model, targets: dict[str, list[str]], weights: dict[str, object]) -> bool:
+def merged(base, factors) -> object:
+    """merge_into a new tensor."""
+    import torch
+
+    out = torch.empty_like(base)
+    merge_into(out, base, factors)
+    return out
+
+
+def _swap_in_place(inner, model, targets: dict[str, list[str]], base: dict[str, object],
+                   lora: dict[str, tuple]) -> bool:
     """Builds every new layer weight first, then assigns them all: either every layer changes
     or none does. Returns False (nothing changed) when a layer is not one this path knows."""
     import torch
@@ -97,7 +111,7 @@ def _swap_in_place(model, targets: dict[str, list[str]], weights: dict[str, obje
     from vllm.platforms import current_platform
 
     on_cpu = current_platform.is_cpu()
-    staged = []
+    plan = []
     for name, shards in targets.items():
         try:
             layer = model.get_submodule(name)
@@ -106,35 +120,48 @@ def _swap_in_place(model, targets: dict[str, list[str]], weights: dict[str, obje
         if not isinstance(layer, LinearBase) or not isinstance(
                 layer.quant_method, UnquantizedLinearMethod):
             return False
-        if any(s not in weights for s in shards):
+        if any(s not in base or base[s].dtype != layer.params_dtype for s in shards):
             return False
         expected = (sum(getattr(layer, "output_partition_sizes", [layer.output_size])),
                     layer.input_size_per_partition
                     if hasattr(layer, "input_size_per_partition") else layer.input_size)
-        parts = [weights[s] for s in shards]
+        parts = [base[s] for s in shards]
         if (any(w.dim() != 2 or w.shape[1] != expected[1] for w in parts)
                 or sum(w.shape[0] for w in parts) != expected[0]):
             return False
-        # One pass per shard from the merged float32 result into the layer's dtype, straight
-        # into its rows of the fused weight (a cast then a cat is two more passes).
-        fused = torch.empty(expected, dtype=layer.params_dtype)
-        row = 0
-        for w in parts:
-            fused[row: row + w.shape[0]].copy_(w)
-            row += w.shape[0]
-        if not on_cpu and tuple(layer.weight.shape) != tuple(fused.shape):
+        if not on_cpu and tuple(layer.weight.shape) != expected:
             return False
-        staged.append((layer, fused))
-    for layer, fused in staged:
+        plan.append((name, layer, shards, expected))
+    # Each layer's new weight is built in a buffer kept from the previous merge: fresh memory
+    # costs a page fault per 4 KiB, which took as long as the merge itself (20 ms of 40 here).
+    scratch: dict[str, object] = inner.__dict__.setdefault("_rlhf_merge_buffers", {})
+    staged = []
+    for name, layer, shards, shape in plan:
+        buf = scratch.pop(name, None)
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != layer.params_dtype:
+            buf = torch.empty(shape, dtype=layer.params_dtype)
+        row = 0
+        for shard in shards:  # straight into the shard's rows of the fused weight
+            rows = base[shard].shape[0]
+            merge_into(buf[row: row + rows], base[shard], lora.get(shard))
+            row += rows
+        staged.append((name, layer, buf))
+    for name, layer, buf in staged:
         if on_cpu:
             # vLLM packs CPU weights for oneDNN/AMX after loading and drops the plain tensor;
             # give the layer its new weight and let the same dispatch pack it again.
             from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-            layer.weight = torch.nn.Parameter(fused, requires_grad=False)
+            layer.weight = torch.nn.Parameter(buf, requires_grad=False)
             dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+            # The buffer is free again only once the layer holds a packed copy and dropped the
+            # plain weight (oneDNN, sgl); the plain-linear fallback computes with it, and
+            # zentorch's unpacked path keeps a view of it.
+            if layer.weight.numel() == 0 and not current_platform.is_zen_cpu():
+                scratch[name] = buf
         else:
-            layer.weight.data.copy_(fused.to(layer.weight.device))
+            layer.weight.data.copy_(buf.to(layer.weight.device))
+            scratch[name] = buf
     return True
 
 
@@ -150,17 +177,17 @@ def reload_merged(worker, base_dir: str, adapter_dir: str | None,
     targets = _fused_targets(model, set(lora) | previous)
     # Fused layers are rewritten whole, so their untouched shards are needed too (base values).
     shards = {s for group in targets.values() for s in group}
-    base = _base_weights(inner, base_dir, shards)
+    base = _base_weights(inner, base_dir, shards, runner.model_config.dtype)
     if set(lora) - set(base):
         raise ValueError(f"base model has no weights for {sorted(set(lora) - set(base))}")
-    weights = {m: merged_weight(w, lora.get(m)) for m, w in base.items()}
     tp = getattr(inner, "parallel_config", None)
     if in_place and (tp is None or tp.tensor_parallel_size == 1) and _swap_in_place(
-            model, targets, weights):
+            inner, model, targets, base, lora):
         inner._rlhf_merged_modules = set(lora)
-        return sorted(f"{m}.weight" for m in weights)
+        return sorted(f"{m}.weight" for m in base)
     if in_place:
         log.warning("merged mode: these layers are rebuilt through vLLM's slower reload_weights")
+    weights = {m: merged(w, lora.get(m)) for m, w in base.items()}
     # vLLM processes a fused layer only once all its shards arrive, so every weight of a
     # touched block goes in, untouched ones with their base values.
     blocks = {m.rsplit(".", 1)[0] for m in shards}
