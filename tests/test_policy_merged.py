@@ -146,3 +146,35 @@ async def test_a_switch_waits_for_pinned_requests_and_moves_unpinned_ones(policy
     assert tokens != all_v1
     assert (await generate_greedy(policy, 4))[1] == ("drain", 2)
     await _set_active(policy, None)
+
+
+async def test_requests_that_follow_the_active_version_go_in_while_a_switch_drains(
+        policy, tiny_adapters):
+    """A switch waits for requests pinned to the old version; new unpinned requests don't wait
+    for it: they run at once on the old version (and would move with the weights, like running
+    ones). New pinned requests wait the switch out."""
+    await push_adapter(policy.channel, tiny_adapters[0], "open", 1, "tiny", token=ADMIN)
+    pinned_started = asyncio.Event()
+    holder = asyncio.create_task(_stream(policy, 64, pinned("open", 1), pinned_started))
+    await pinned_started.wait()
+    push = asyncio.create_task(
+        push_adapter(policy.channel, tiny_adapters[1], "open", 2, "tiny", token=ADMIN))
+    registry = policy.server.app.registry
+    while not registry.switching and not push.done():
+        await asyncio.sleep(0.002)
+    assert registry.switching, "the push finished without waiting for the pinned request"
+    pinned_new = asyncio.create_task(generate_greedy(policy, 3, pinned("open", 2)))
+
+    tokens, served = await generate_greedy(policy, 3)
+    assert not push.done() and not holder.done()  # served while the switch drained
+    assert served == ("open", 1)
+    assert tokens == hf_greedy(policy.model_dir, tiny_adapters[0], PROMPT, 3)
+
+    # A request pinned to the new version waited for the switch, then ran on it.
+    tokens, served = await pinned_new
+    assert push.done()
+    assert served == ("open", 2)
+    assert tokens == hf_greedy(policy.model_dir, tiny_adapters[1], PROMPT, 3)
+    assert (await holder)[1:3] == (("open", 1), None)
+    await push
+    await _set_active(policy, None)

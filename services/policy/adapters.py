@@ -99,7 +99,7 @@ class AdapterRegistry:
         self._pinned_in_flight = 0
         # merged mode: +1 each time the served weights change in place.
         self.weights_epoch = 0
-        # merged mode: cleared while the served weights change; acquire() waits on it.
+        # merged mode: cleared while the served weights change; pinned requests wait on it.
         self._open = asyncio.Event()
         self._open.set()
         self._idle = asyncio.Condition()
@@ -179,7 +179,14 @@ class AdapterRegistry:
         """target: "active", "base" or "pinned". Resolved now: a later switch doesn't move it,
         except in merged mode, where an unpinned request follows the weights (see finished_by)."""
         if self.mode == "merged":
-            await self._open.wait()
+            if target != "active":
+                # Pinned requests run on one version from start to end, so they wait out a
+                # switch; new ones must not hold back the drain the switch waits for. Requests
+                # that follow the active version go in at once: under the old version's label,
+                # and the switch moves them like the running ones (finished_by says so). One
+                # that reaches the paused engine is computed wholly on the new weights in the
+                # first step after the switch.
+                await self._open.wait()
             if target == "base" or (target == "pinned" and pinned != self.active):
                 what = "the base model" if target == "base" else _fmt(pinned)
                 raise FailedPrecondition(
@@ -210,6 +217,11 @@ class AdapterRegistry:
         kept.in_flight += 1
         handle = kept.handle if self.mode == "lora" else None
         return Lease(handle, kept.key, kept, epoch=self.weights_epoch)
+
+    @property
+    def switching(self) -> bool:
+        """merged mode: a switch is draining pinned requests or rewriting the weights."""
+        return not self._open.is_set()
 
     def finished_by(self, lease: Lease) -> tuple[tuple[str, int] | None, bool]:
         """(the version serving now, whether the weights changed since the lease was taken).
