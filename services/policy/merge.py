@@ -44,17 +44,22 @@ def lora_factors(adapter_dir: Path) -> dict[str, tuple[object, object, float]]:
 
 
 def merge_into(out, base, factors) -> None:
-    """out = base + scale * B @ A, one fused op in the served dtype (the base weights are cached
-    in it); base itself when the adapter leaves the module alone (factors None). In bfloat16 the
-    sum is accumulated in float32 and rounded once, so it is within one bf16 step of the same
-    merge done wholly in float32 (the vLLM model holds the base rounded to bf16 anyway)."""
+    """out = base + scale * B @ A; base itself when the adapter leaves the module alone (factors
+    None). On CPU the base is cached in the served dtype and this is one fused op in it: in
+    bfloat16 the product is accumulated in float32 and the sum rounded once, within one bf16
+    step of a float32 merge (the served base is rounded to bf16 anyway). A base in another dtype
+    (the checkpoint's, kept on GPU hosts, whose CPUs may lack bf16 instructions) is merged in
+    float32 and rounded on the copy."""
     import torch
 
     if factors is None:
         out.copy_(base)
         return
     b, a, scale = factors
-    torch.addmm(base, b.to(base.dtype), a.to(base.dtype), alpha=scale, out=out)
+    if base.dtype == out.dtype:
+        torch.addmm(base, b.to(base.dtype), a.to(base.dtype), alpha=scale, out=out)
+    else:
+        out.copy_(torch.addmm(base.float(), b.float(), a.float(), alpha=scale))
 
 
 def _base_weights(inner, base_dir: str, modules: set[str], dtype=None) -> dict[str, object]:
@@ -93,11 +98,11 @@ def _fused_targets(model, modules: set[str]) -> dict[str, list[str]]:
     return layers
 
 
-def merged(base, factors) -> object:
-    """merge_into a new tensor."""
+def merged(base, factors, dtype=None) -> object:
+    """merge_into a new tensor of `dtype` (default: the base's)."""
     import torch
 
-    out = torch.empty_like(base)
+    out = torch.empty(base.shape, dtype=dtype or base.dtype)
     merge_into(out, base, factors)
     return out
 
@@ -120,7 +125,7 @@ def _swap_in_place(inner, model, targets: dict[str, list[str]], base: dict[str, 
         if not isinstance(layer, LinearBase) or not isinstance(
                 layer.quant_method, UnquantizedLinearMethod):
             return False
-        if any(s not in base or base[s].dtype != layer.params_dtype for s in shards):
+        if any(s not in base for s in shards):
             return False
         expected = (sum(getattr(layer, "output_partition_sizes", [layer.output_size])),
                     layer.input_size_per_partition
@@ -169,6 +174,9 @@ def reload_merged(worker, base_dir: str, adapter_dir: str | None,
                   in_place: bool = True) -> list[str]:
     """Worker-side: merge adapter_dir into the base weights of the served model (None = base).
     Returns the checkpoint weight names rewritten. in_place=False takes vLLM's generic path."""
+    import torch
+    from vllm.platforms import current_platform
+
     inner = getattr(worker, "worker", worker)
     runner = inner.model_runner
     model = runner.get_model()
@@ -177,7 +185,9 @@ def reload_merged(worker, base_dir: str, adapter_dir: str | None,
     targets = _fused_targets(model, set(lora) | previous)
     # Fused layers are rewritten whole, so their untouched shards are needed too (base values).
     shards = {s for group in targets.values() for s in group}
-    base = _base_weights(inner, base_dir, shards, runner.model_config.dtype)
+    # On GPU hosts the merge stays on the CPU as before, in float32 from the checkpoint.
+    dtype = runner.model_config.dtype if current_platform.is_cpu() else None
+    base = _base_weights(inner, base_dir, shards, dtype)
     if set(lora) - set(base):
         raise ValueError(f"base model has no weights for {sorted(set(lora) - set(base))}")
     tp = getattr(inner, "parallel_config", None)
@@ -187,7 +197,7 @@ def reload_merged(worker, base_dir: str, adapter_dir: str | None,
         return sorted(f"{m}.weight" for m in base)
     if in_place:
         log.warning("merged mode: these layers are rebuilt through vLLM's slower reload_weights")
-    weights = {m: merged(w, lora.get(m)) for m, w in base.items()}
+    weights = {m: merged(w, lora.get(m), dtype or torch.float32) for m, w in base.items()}
     # vLLM processes a fused layer only once all its shards arrive, so every weight of a
     # touched block goes in, untouched ones with their base values.
     blocks = {m.rsplit(".", 1)[0] for m in shards}
