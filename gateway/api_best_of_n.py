@@ -16,7 +16,7 @@ from gateway.generation import (
     score_all,
     text_prompt,
 )
-from gateway.model_names import selector_for, served_id
+from gateway.model_names import answered_by, selector_for, served_id
 from gateway.schemas import BestOfNRequest, BestOfNResponse, Candidate, Usage
 from gateway.state import Caller, RequestId, State
 
@@ -43,7 +43,8 @@ async def best_of_n(body: BestOfNRequest, state: State, caller: Caller,
                   finish_reason=finish_reason(c.finish_reason))
         for i, c in enumerate(completions)]
     best = candidates[ranked.order[0]]
-    model = served_id(ranked.result.served_by, cfg.adapter_name)
+    version = answered_by(ranked.result)
+    model = served_id(version, cfg.adapter_name)
     await state.store_call(
         state.store.record_answer, request_id, "best-of-n", model, prompt_as_text(prompt),
         None if body.messages is None else [m.model_dump() for m in body.messages],
@@ -51,7 +52,7 @@ async def best_of_n(body: BestOfNRequest, state: State, caller: Caller,
         best.index)
     return BestOfNResponse(
         request_id=request_id, model=model,
-        adapter_version=0 if model == "base" else ranked.result.served_by.adapter.version,
+        adapter_version=0 if model == "base" else version.adapter.version,
         best=best,
         candidates=sorted(candidates, key=lambda c: c.rank) if body.return_candidates else None,
         usage=Usage.of(response.usage))

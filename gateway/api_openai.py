@@ -27,7 +27,7 @@ from gateway.generation import (
     stop_list,
     text_prompt,
 )
-from gateway.model_names import model_id, selector_for, served_id
+from gateway.model_names import answered_by, model_id, selector_for, served_id
 from gateway.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -136,7 +136,7 @@ async def _store(state: GatewayState, request_id: str, endpoint: str,
     messages = ([{"role": m.role, "content": m.content} for m in prompt.chat.messages]
                 if prompt.WhichOneof("kind") == "chat" else None)
     await state.store_call(state.store.record_answer, request_id, endpoint,
-                           served_id(ranked.result.served_by, state.config.adapter_name),
+                           served_id(answered_by(ranked.result), state.config.adapter_name),
                            prompt_as_text(prompt), messages, cands, ranked.order[0])
 
 
@@ -215,7 +215,7 @@ async def completions(body: CompletionRequest, state: State, caller: Caller,
             choices.append(CompletionChoice(index=len(choices), text=c.text, score=score,
                                             finish_reason=finish_reason(c.finish_reason)))
     return CompletionResponse(id="cmpl-" + request_id, created=int(time.time()),
-                              model=served_id(response.results[0].served_by,
+                              model=served_id(answered_by(response.results[0]),
                                               state.config.adapter_name),
                               choices=choices, usage=Usage.of(response.usage))
 
@@ -242,7 +242,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State, caller: Ca
                           finish_reason=finish_reason(result.completions[i].finish_reason))
                for k, (i, score) in enumerate(picks[0])]
     return ChatCompletionResponse(id="chatcmpl-" + request_id, created=int(time.time()),
-                                  model=served_id(result.served_by, state.config.adapter_name),
+                                  model=served_id(answered_by(result), state.config.adapter_name),
                                   choices=choices, usage=Usage.of(response.usage))
 
 

@@ -35,3 +35,10 @@ def served_id(served: policy_pb2.ServedBy, adapter_name: str) -> str:
     if served.base or not served.adapter.name:
         return "base"
     return model_id(served.adapter.name, served.adapter.version, adapter_name)
+
+
+def answered_by(result: policy_pb2.PromptResult) -> policy_pb2.ServedBy:
+    """The version that produced the end of an answer: `finished_by` when a merged-mode switch
+    landed during the call (a call that reached the engine during the switch has every token
+    from it), else `served_by`."""
+    return result.finished_by if result.HasField("finished_by") else result.served_by

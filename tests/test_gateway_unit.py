@@ -12,7 +12,7 @@ from gateway.errors import APIError
 from gateway.feedback import BadIndex, FeedbackStore, StoredCandidate, UnknownAnswer
 from gateway.generation import rank
 from gateway.guard import TokenBuckets
-from gateway.model_names import selector_for, served_id
+from gateway.model_names import answered_by, selector_for, served_id
 from rlhf.plumbing.config import ConfigError
 from rlhf.v1 import policy_pb2
 
@@ -36,6 +36,20 @@ def test_model_ids():
     served = policy_pb2.ServedBy(adapter=policy_pb2.AdapterRef(name="run-a", version=4))
     assert served_id(served, "run-a") == "policy@v4"
     assert served_id(policy_pb2.ServedBy(base=True), "run-a") == "base"
+
+
+def test_an_answer_is_labelled_with_the_version_that_finished_it():
+    """A merged-mode switch that lands during a call moves it to the new weights (the policy
+    sets finished_by; tests/test_policy_merged.py): answers and stored feedback name that
+    version, not the one the call started on."""
+    v4 = policy_pb2.ServedBy(adapter=policy_pb2.AdapterRef(name="run-a", version=4))
+    v5 = policy_pb2.ServedBy(adapter=policy_pb2.AdapterRef(name="run-a", version=5))
+    plain = policy_pb2.PromptResult(served_by=v4)
+    assert served_id(answered_by(plain), "run-a") == "policy@v4"
+    moved = policy_pb2.PromptResult(served_by=v4, finished_by=v5)
+    assert served_id(answered_by(moved), "run-a") == "policy@v5"
+    from_base = policy_pb2.PromptResult(served_by=policy_pb2.ServedBy(base=True), finished_by=v4)
+    assert served_id(answered_by(from_base), "run-a") == "policy@v4"
 
 
 def test_token_bucket_allows_burst_then_refills_at_rate():
