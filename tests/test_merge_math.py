@@ -58,10 +58,10 @@ def test_merging_into_rows_of_a_fused_buffer_touches_only_those_rows():
 
 
 def test_a_float32_checkpoint_into_bf16_layers_is_merged_in_float32_and_rounded_once():
-    """GPU hosts keep the checkpoint's float32 weights and merge on the CPU in float32 (their
-    CPUs may lack bf16 instructions); the copy into the bf16 layer rounds once."""
+    """GPU hosts keep the base in float32 and merge on the CPU in float32 (their CPUs may lack
+    bf16 instructions); the copy into the bf16 layer rounds once."""
     base32, (b, a, scale) = _factors(64, 48, seed=5)
     out = torch.empty(64, 48, dtype=torch.bfloat16)
-    merge_into(out, base32, (b, a, scale))
-    assert torch.equal(out, torch.addmm(base32, b, a, alpha=scale).bfloat16())
-    assert merged(base32, (b, a, scale), torch.bfloat16).dtype == torch.bfloat16
+    merge_into(out, base32, (b.bfloat16(), a.bfloat16(), scale))
+    assert torch.equal(out, torch.addmm(base32, b.bfloat16().float(), a.bfloat16().float(),
+                                        alpha=scale).bfloat16())

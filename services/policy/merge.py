@@ -48,8 +48,7 @@ def merge_into(out, base, factors) -> None:
     None). On CPU the base is cached in the served dtype and this is one fused op in it: in
     bfloat16 the product is accumulated in float32 and the sum rounded once, within one bf16
     step of a float32 merge (the served base is rounded to bf16 anyway). A base in another dtype
-    (the checkpoint's, kept on GPU hosts, whose CPUs may lack bf16 instructions) is merged in
-    float32 and rounded on the copy."""
+    (float32, kept on GPU hosts) is merged in float32 and rounded on the copy."""
     import torch
 
     if factors is None:
@@ -98,11 +97,11 @@ def _fused_targets(model, modules: set[str]) -> dict[str, list[str]]:
     return layers
 
 
-def merged(base, factors, dtype=None) -> object:
-    """merge_into a new tensor of `dtype` (default: the base's)."""
+def merged(base, factors) -> object:
+    """merge_into a new tensor."""
     import torch
 
-    out = torch.empty(base.shape, dtype=dtype or base.dtype)
+    out = torch.empty_like(base)
     merge_into(out, base, factors)
     return out
 
@@ -185,8 +184,9 @@ def reload_merged(worker, base_dir: str, adapter_dir: str | None,
     targets = _fused_targets(model, set(lora) | previous)
     # Fused layers are rewritten whole, so their untouched shards are needed too (base values).
     shards = {s for group in targets.values() for s in group}
-    # On GPU hosts the merge stays on the CPU as before, in float32 from the checkpoint.
-    dtype = runner.model_config.dtype if current_platform.is_cpu() else None
+    # On GPU hosts the merge stays on the CPU as before, in float32 (their CPUs may lack bf16
+    # instructions); it is rounded on the copy into the layer.
+    dtype = runner.model_config.dtype if current_platform.is_cpu() else torch.float32
     base = _base_weights(inner, base_dir, shards, dtype)
     if set(lora) - set(base):
         raise ValueError(f"base model has no weights for {sorted(set(lora) - set(base))}")
@@ -197,7 +197,7 @@ def reload_merged(worker, base_dir: str, adapter_dir: str | None,
         return sorted(f"{m}.weight" for m in base)
     if in_place:
         log.warning("merged mode: these layers are rebuilt through vLLM's slower reload_weights")
-    weights = {m: merged(w, lora.get(m), dtype or torch.float32) for m, w in base.items()}
+    weights = {m: merged(w, lora.get(m)) for m, w in base.items()}
     # vLLM processes a fused layer only once all its shards arrive, so every weight of a
     # touched block goes in, untouched ones with their base values.
     blocks = {m.rsplit(".", 1)[0] for m in shards}
