@@ -215,15 +215,15 @@ def _fused(lora_a_stacked, lora_b_stacked, output_slices, slot: int, dtype):
         offset += size
     built = None
     if a_parts:
-        a_cat = torch.cat(a_parts, dim=0).contiguous()
-        b_diag = torch.zeros(offset, a_cat.shape[0], dtype=dtype)
+        # Built transposed, as add_lora_linear multiplies (one copy each, no transpose pass),
+        # and in float32 too: see add_lora_linear.
+        a_cat_t = torch.cat([a_slot.T for a_slot in a_parts], dim=1)
+        b_diag_t = torch.zeros(a_cat_t.shape[1], offset, dtype=dtype)
         col = 0
         for b_slot, row in zip(b_parts, offsets, strict=True):
-            b_diag[row: row + b_slot.shape[0], col: col + b_slot.shape[1]] = b_slot
+            b_diag_t[col: col + b_slot.shape[1], row: row + b_slot.shape[0]] = b_slot.T
             col += b_slot.shape[1]
-        # Transposed once here, and in float32 too: see add_lora_linear.
-        built = ((a_cat.T.contiguous(), b_diag.T.contiguous()),
-                 (a_cat.T.float().contiguous(), b_diag.T.float().contiguous()))
+        built = ((a_cat_t, b_diag_t), (a_cat_t.float(), b_diag_t.float()))
     _FUSED[key] = (versions, built, snapshot)
     return built
 
