@@ -217,7 +217,7 @@ def _fused(lora_a_stacked, lora_b_stacked, output_slices, slot: int, dtype):
     if a_parts:
         # Built transposed, as add_lora_linear multiplies (one copy each, no transpose pass),
         # and in float32 too: see add_lora_linear.
-        a_cat_t = torch.cat([a_slot.T for a_slot in a_parts], dim=1)
+        a_cat_t = torch.cat([part.T for part in a_parts], dim=1)
         b_diag_t = torch.zeros(a_cat_t.shape[1], offset, dtype=dtype)
         col = 0
         for b_slot, row in zip(b_parts, offsets, strict=True):

@@ -164,7 +164,7 @@ def _swap_in_place(inner, model, targets: dict[str, list[str]], base: dict[str, 
             if layer.weight.numel() == 0 and not current_platform.is_zen_cpu():
                 scratch[name] = buf
         else:
-            layer.weight.data.copy_(buf.to(layer.weight.device))
+            layer.weight.data.copy_(buf)  # host to device, no staging copy
             scratch[name] = buf
     return True
 
@@ -201,8 +201,8 @@ def reload_merged(worker, base_dir: str, adapter_dir: str | None,
     # vLLM processes a fused layer only once all its shards arrive, so every weight of a
     # touched block goes in, untouched ones with their base values.
     blocks = {m.rsplit(".", 1)[0] for m in shards}
-    everything = _base_weights(inner, base_dir, _block_modules(base_dir, blocks))
-    items = [(f"{m}.weight", weights.get(m, w)) for m, w in everything.items()]
+    untouched = _base_weights(inner, base_dir, _block_modules(base_dir, blocks) - set(weights))
+    items = [(f"{m}.weight", w) for m, w in {**untouched, **weights}.items()]
     runner.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
     inner._rlhf_merged_modules = set(lora)
     return sorted(k for k, _ in items)
