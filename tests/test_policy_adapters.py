@@ -68,6 +68,34 @@ async def test_push_then_outputs_equal_hf_peft_and_base_equals_hf(policy, tiny_a
     assert tokens != base_tokens  # the adapter really changes the model
 
 
+
+async def test_a_request_sent_while_a_push_loads_is_served_by_the_new_version(
+        policy, tiny_adapters, monkeypatch):
+    """Between its checks and its activation a push waits for the engine to load the adapter.
+    A request that follows the active version and arrives then waits for the new version; one
+    pinned to the old version doesn't wait."""
+    await _push(policy, tiny_adapters[0], "hold", 1)
+    engine = policy.server.app.engine
+    gate, adding = asyncio.Event(), asyncio.Event()
+    real_add = engine.add_adapter
+
+    async def held_add(handle):
+        adding.set()
+        await gate.wait()
+        await real_add(handle)
+
+    monkeypatch.setattr(engine, "add_adapter", held_add)
+    push = asyncio.create_task(_push(policy, tiny_adapters[1], "hold", 2))
+    await adding.wait()
+    follower = asyncio.create_task(_gen(policy))
+    v1 = hf_greedy(policy.model_dir, tiny_adapters[0], PROMPT, N_TOKENS)
+    assert await _gen(policy, pinned("hold", 1)) == (v1, ("hold", 1))
+    assert not follower.done()
+    gate.set()
+    assert (await push).activated
+    assert await follower == (
+        hf_greedy(policy.model_dir, tiny_adapters[1], PROMPT, N_TOKENS), ("hold", 2))
+
 async def test_mixed_batch_gives_each_request_its_own_weights(policy, tiny_adapters):
     await _push(policy, tiny_adapters[1], "mix", 1)
     await _push(policy, tiny_adapters[2], "mix", 2)

@@ -105,6 +105,24 @@ async def test_merging_every_linear_layer_then_fewer_restores_the_rest(policy, t
     await _set_active(policy, None)
 
 
+
+async def test_a_rewrite_that_fails_leaves_the_engine_serving_the_weights_it_had(
+        policy, tiny_adapters, tmp_path):
+    """The switch sends pause, rewrite, reset and resume to the engine back to back: when the
+    rewrite fails, the resume still runs, so requests go on, on the old weights."""
+    await push_adapter(policy.channel, tiny_adapters[0], "fail", 1, "tiny", token=ADMIN)
+    expected = hf_greedy(policy.model_dir, tiny_adapters[0], PROMPT, 10)
+    started = asyncio.Event()
+    running = asyncio.create_task(_stream(policy, 24, None, started))
+    await started.wait()
+    with pytest.raises(Exception, match="adapter_config.json"):
+        await policy.server.app.engine.load_merged(tmp_path / "no-such-adapter")
+    tokens, served, _, _ = await running  # not left paused
+    assert served == ("fail", 1)
+    assert tokens[:10] == expected
+    assert await generate_greedy(policy, 10) == (expected, ("fail", 1))
+    await _set_active(policy, None)
+
 async def _stream(policy, n_tokens: int, selector, started: asyncio.Event):
     req = policy_pb2.GenerateStreamRequest(prompt=ids_prompt(PROMPT), params=greedy(n_tokens))
     if selector is not None:

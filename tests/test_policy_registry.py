@@ -108,3 +108,82 @@ async def test_pushes_of_one_name_are_serialised(registry):
 
     await asyncio.gather(push(1), push(2))
     assert order == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+
+
+class GatedEngine(RecordingEngine):
+    """Holds each add_adapter until the test opens the gate; fails it when told to."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.adding = asyncio.Event()
+        self.fail = False
+
+    async def add_adapter(self, handle):
+        self.adding.set()
+        await self.gate.wait()
+        if self.fail:
+            raise RuntimeError(f"engine refused {handle.engine_name}")
+        await super().add_adapter(handle)
+
+
+@pytest.fixture
+def gated(tmp_path):
+    return AdapterRegistry(tmp_path / "adapters", GatedEngine(), "lora", keep_versions=2,
+                           max_loaded=4, stats=EngineStats())
+
+
+async def test_requests_that_follow_the_active_version_wait_for_one_being_loaded(gated):
+    engine = gated.engine
+    engine.gate.set()
+    await _install(gated, "p", 1)
+    engine.gate.clear()
+    push = asyncio.create_task(_install(gated, "p", 2))
+    await engine.adding.wait()
+    follower = asyncio.create_task(gated.acquire("active"))
+    # Pinned and base requests don't wait: they name their model.
+    pinned = await asyncio.wait_for(gated.acquire("pinned", ("p", 1)), 1)
+    on_base = await asyncio.wait_for(gated.acquire("base"), 1)
+    assert (pinned.served, on_base.served) == (("p", 1), None)
+    await asyncio.sleep(0.05)
+    assert not follower.done()  # it would start on v1, which the push is replacing
+    engine.gate.set()
+    await push
+    lease = await asyncio.wait_for(follower, 1)
+    assert lease.served == ("p", 2) and lease.handle.engine_name == "p@v2"
+    for held in (pinned, on_base, lease):
+        await gated.release(held)
+
+
+async def test_a_version_the_engine_refuses_lets_waiting_requests_go_on_the_old_one(gated):
+    engine = gated.engine
+    engine.gate.set()
+    await _install(gated, "p", 1)
+    engine.gate.clear()
+    engine.fail = True
+    push = asyncio.create_task(_install(gated, "p", 2))
+    await engine.adding.wait()
+    follower = asyncio.create_task(gated.acquire("active"))
+    await asyncio.sleep(0.05)
+    assert not follower.done()
+    engine.gate.set()
+    with pytest.raises(RuntimeError, match="refused p@v2"):
+        await push
+    lease = await asyncio.wait_for(follower, 1)
+    assert lease.served == ("p", 1)
+    await gated.release(lease)
+
+
+async def test_a_push_that_does_not_activate_holds_nobody_back(gated):
+    engine = gated.engine
+    engine.gate.set()
+    await _install(gated, "p", 1)
+    engine.gate.clear()
+    push = asyncio.create_task(_install(gated, "p", 2, activate=False))
+    await engine.adding.wait()
+    lease = await asyncio.wait_for(gated.acquire("active"), 1)
+    assert lease.served == ("p", 1)
+    engine.gate.set()
+    await push
+    await gated.release(lease)
+    assert gated.active == ("p", 1)

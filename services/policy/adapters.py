@@ -103,6 +103,9 @@ class AdapterRegistry:
         self._open = asyncio.Event()
         self._open.set()
         self._idle = asyncio.Condition()
+        # lora mode: one event per verified push the engine is loading to make active; set
+        # once it is active or has failed. Requests that follow the active version wait.
+        self._incoming: set[asyncio.Event] = set()
 
     # ------------------------------------------------------------------ paths and persistence
 
@@ -199,6 +202,13 @@ class AdapterRegistry:
                 kept.in_flight += 1
                 return Lease(None, kept.key, kept, pinned=True, epoch=self.weights_epoch)
             target = "active"
+        elif target == "active" and self._incoming:
+            # A checked version is being loaded to become active (the rest of an engine step
+            # and ~35 ms). A request started now on the version it replaces would produce the
+            # new version's first token a whole step later than one that waits: the engine
+            # takes the new request in the step after the load either way.
+            for event in list(self._incoming):
+                await event.wait()
         if target == "pinned":
             kept = self._kept.get(pinned)
             if kept is None or kept.retiring:
@@ -288,18 +298,26 @@ class AdapterRegistry:
         os.replace(staged, final)
         kept = self._kept_from_meta(meta, final)
         start = time.perf_counter()
-        if self.mode == "lora":
-            try:
-                await self.engine.add_adapter(kept.handle)
-            except Exception:
-                shutil.rmtree(final, ignore_errors=True)
-                raise
-        self._kept[kept.key] = kept
-        self._newest[name] = max(self._newest.get(name, 0), version)
-        if activate:
-            await self._switch(kept.key)
-        else:
-            self._save_state()
+        incoming = asyncio.Event()
+        if self.mode == "lora" and activate:
+            self._incoming.add(incoming)
+        try:
+            if self.mode == "lora":
+                try:
+                    await self.engine.add_adapter(kept.handle)
+                except Exception:
+                    shutil.rmtree(final, ignore_errors=True)
+                    raise
+            self._kept[kept.key] = kept
+            self._newest[name] = max(self._newest.get(name, 0), version)
+            if activate:
+                await self._switch(kept.key)
+            else:
+                self._save_state()
+        finally:
+            # Active now, or refused: either way the requests waiting on it go in.
+            self._incoming.discard(incoming)
+            incoming.set()
         seconds = time.perf_counter() - start
         await self._retire_old(name)
         self._refresh_gauges()
