@@ -133,21 +133,29 @@ def gated(tmp_path):
                            max_loaded=4, stats=EngineStats())
 
 
-async def test_requests_that_follow_the_active_version_wait_for_one_being_loaded(gated):
+async def _push_v2_held_in_the_engine(gated, activate=True, fail=False):
+    """p@v1 active, then a push of p@v2 that the engine holds in add_adapter (and then refuses,
+    if fail); returns its task and a request that follows the active version, started while v2
+    loads."""
     engine = gated.engine
     engine.gate.set()
     await _install(gated, "p", 1)
     engine.gate.clear()
-    push = asyncio.create_task(_install(gated, "p", 2))
+    engine.fail = fail
+    push = asyncio.create_task(_install(gated, "p", 2, activate=activate))
     await engine.adding.wait()
-    follower = asyncio.create_task(gated.acquire("active"))
+    return push, asyncio.create_task(gated.acquire("active"))
+
+
+async def test_requests_that_follow_the_active_version_wait_for_one_being_loaded(gated):
+    push, follower = await _push_v2_held_in_the_engine(gated)
     # Pinned and base requests don't wait: they name their model.
     pinned = await asyncio.wait_for(gated.acquire("pinned", ("p", 1)), 1)
     on_base = await asyncio.wait_for(gated.acquire("base"), 1)
     assert (pinned.served, on_base.served) == (("p", 1), None)
     await asyncio.sleep(0.05)
     assert not follower.done()  # it would start on v1, which the push is replacing
-    engine.gate.set()
+    gated.engine.gate.set()
     await push
     lease = await asyncio.wait_for(follower, 1)
     assert lease.served == ("p", 2) and lease.handle.engine_name == "p@v2"
@@ -156,17 +164,10 @@ async def test_requests_that_follow_the_active_version_wait_for_one_being_loaded
 
 
 async def test_a_version_the_engine_refuses_lets_waiting_requests_go_on_the_old_one(gated):
-    engine = gated.engine
-    engine.gate.set()
-    await _install(gated, "p", 1)
-    engine.gate.clear()
-    engine.fail = True
-    push = asyncio.create_task(_install(gated, "p", 2))
-    await engine.adding.wait()
-    follower = asyncio.create_task(gated.acquire("active"))
+    push, follower = await _push_v2_held_in_the_engine(gated, fail=True)
     await asyncio.sleep(0.05)
     assert not follower.done()
-    engine.gate.set()
+    gated.engine.gate.set()
     with pytest.raises(RuntimeError, match="refused p@v2"):
         await push
     lease = await asyncio.wait_for(follower, 1)
@@ -175,15 +176,10 @@ async def test_a_version_the_engine_refuses_lets_waiting_requests_go_on_the_old_
 
 
 async def test_a_push_that_does_not_activate_holds_nobody_back(gated):
-    engine = gated.engine
-    engine.gate.set()
-    await _install(gated, "p", 1)
-    engine.gate.clear()
-    push = asyncio.create_task(_install(gated, "p", 2, activate=False))
-    await engine.adding.wait()
-    lease = await asyncio.wait_for(gated.acquire("active"), 1)
+    push, follower = await _push_v2_held_in_the_engine(gated, activate=False)
+    lease = await asyncio.wait_for(follower, 1)
     assert lease.served == ("p", 1)
-    engine.gate.set()
+    gated.engine.gate.set()
     await push
     await gated.release(lease)
     assert gated.active == ("p", 1)
