@@ -71,30 +71,43 @@ async def test_push_then_outputs_equal_hf_peft_and_base_equals_hf(policy, tiny_a
 
 async def test_a_request_sent_while_a_push_loads_is_served_by_the_new_version(
         policy, tiny_adapters, monkeypatch):
-    """Between its checks and its activation a push waits for the engine to load the adapter.
-    A request that follows the active version and arrives then waits for the new version; one
-    pinned to the old version doesn't wait."""
+    """A push pauses the engine while vLLM loads its adapter (no step could run then anyway).
+    A request that follows the active version and arrives meanwhile waits for the new version
+    and is in the engine before the engine resumes, so it runs in the first step after the
+    load; one pinned to the old version goes into the engine at once, on the old version."""
     await _push(policy, tiny_adapters[0], "hold", 1)
     engine = policy.server.app.engine
     gate, adding = asyncio.Event(), asyncio.Event()
-    real_add = engine.add_adapter
+    real_add, real_resume = engine.add_adapter, engine.llm.resume_generation
+    in_engine_at_resume = []
 
     async def held_add(handle):
         adding.set()
         await gate.wait()
         await real_add(handle)
 
+    async def resume():
+        in_engine_at_resume.append(engine.pending_requests())
+        await real_resume()
+
     monkeypatch.setattr(engine, "add_adapter", held_add)
+    monkeypatch.setattr(engine.llm, "resume_generation", resume)
     push = asyncio.create_task(_push(policy, tiny_adapters[1], "hold", 2))
     await adding.wait()
+    assert await engine.llm.is_paused()
     follower = asyncio.create_task(_gen(policy))
-    v1 = hf_greedy(policy.model_dir, tiny_adapters[0], PROMPT, N_TOKENS)
-    assert await _gen(policy, pinned("hold", 1)) == (v1, ("hold", 1))
-    assert not follower.done()
+    on_v1 = asyncio.create_task(_gen(policy, pinned("hold", 1)))
+    await asyncio.sleep(0.3)
+    assert engine.pending_requests() == 1  # the pinned one, waiting for the engine
     gate.set()
     assert (await push).activated
+    assert in_engine_at_resume == [2]
+    assert not await engine.llm.is_paused()
     assert await follower == (
         hf_greedy(policy.model_dir, tiny_adapters[1], PROMPT, N_TOKENS), ("hold", 2))
+    assert await on_v1 == (
+        hf_greedy(policy.model_dir, tiny_adapters[0], PROMPT, N_TOKENS), ("hold", 1))
+
 
 async def test_mixed_batch_gives_each_request_its_own_weights(policy, tiny_adapters):
     await _push(policy, tiny_adapters[1], "mix", 1)

@@ -5,6 +5,7 @@ pushes of one name are serialised. The real-engine behaviour is in test_policy_a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 
@@ -27,6 +28,14 @@ class RecordingEngine:
     async def remove_adapter(self, handle):
         self.loaded.discard(handle.engine_name)
         self.events.append(f"-{handle.engine_name}")
+
+    @contextlib.asynccontextmanager
+    async def paused(self):
+        self.events.append("pause")
+        try:
+            yield
+        finally:
+            self.events.append("resume")
 
 
 def _stage(registry: AdapterRegistry, tag: str):
@@ -183,3 +192,55 @@ async def test_a_push_that_does_not_activate_holds_nobody_back(gated):
     await push
     await gated.release(lease)
     assert gated.active == ("p", 1)
+
+
+async def test_a_push_resumes_the_engine_once_the_requests_that_waited_are_submitted(gated):
+    """The engine stays paused after the load until every engine request of the leases that
+    waited for the version is submitted, so they run in the first step after the load."""
+    push, follower = await _push_v2_held_in_the_engine(gated)
+    other = asyncio.create_task(gated.acquire("active", requests=2))  # a 2-prompt Generate
+    await asyncio.sleep(0.01)
+    gated.engine.gate.set()
+    leases = [await asyncio.wait_for(task, 1) for task in (follower, other)]
+    assert [lease.served for lease in leases] == [("p", 2), ("p", 2)]
+    await asyncio.sleep(0.02)
+    events = gated.engine.events
+    assert events[-2:] == ["pause", "+p@v2"] and not push.done()
+    leases[0].submitted()
+    leases[1].submitted()
+    await asyncio.sleep(0.02)
+    assert events[-1] == "+p@v2"  # one engine request of the 2-prompt lease is still to come
+    leases[1].submitted()
+    await asyncio.wait_for(push, 1)
+    assert events[-3:] == ["pause", "+p@v2", "resume"]
+    for lease in leases:
+        await gated.release(lease)
+
+
+async def test_a_request_that_waited_and_ends_unsubmitted_does_not_keep_the_engine_paused(
+        gated):
+    push, follower = await _push_v2_held_in_the_engine(gated)
+    gated.engine.gate.set()
+    lease = await asyncio.wait_for(follower, 1)
+    await gated.release(lease)  # it failed before reaching the engine (a cancelled call)
+    await asyncio.wait_for(push, 1)
+    assert gated.engine.events[-1] == "resume"
+
+
+async def test_a_push_waits_only_so_long_for_a_slow_request(gated, monkeypatch):
+    monkeypatch.setattr("services.policy.adapters.HOLD_SEND_SECONDS", 0.05)
+    push, follower = await _push_v2_held_in_the_engine(gated)
+    gated.engine.gate.set()
+    lease = await asyncio.wait_for(follower, 1)
+    await asyncio.wait_for(push, 1)  # never submitted: the engine goes on without it
+    assert gated.engine.events[-1] == "resume"
+    await gated.release(lease)
+
+
+async def test_a_refused_version_resumes_the_engine(gated):
+    push, follower = await _push_v2_held_in_the_engine(gated, fail=True)
+    gated.engine.gate.set()
+    with pytest.raises(RuntimeError):
+        await push
+    assert gated.engine.events[-2:] == ["pause", "resume"]
+    await gated.release(await follower)

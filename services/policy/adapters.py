@@ -42,6 +42,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 META_FILE = "rlhf_adapter.json"
+# lora mode: how long a push keeps the engine paused after its load for the requests that
+# waited for it to be submitted (normally a few ms; every request stalls meanwhile).
+HOLD_SEND_SECONDS = 0.05
 
 
 def check_name(name: str) -> str:
@@ -70,6 +73,25 @@ class Kept:
         return (self.handle.name, self.handle.version)
 
 
+class Incoming:
+    """lora mode: a checked version the engine is loading to make active, and the requests
+    that follow the active version waiting for it."""
+
+    def __init__(self):
+        self.done = asyncio.Event()  # active now, or refused
+        self.waiting = 0  # requests waiting on `done`
+        self.unsent = 0  # requests it let go whose engine requests aren't all submitted yet
+        self._changed = asyncio.Event()
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    async def all_sent(self) -> None:
+        while self.waiting or self.unsent:
+            self._changed.clear()
+            await self._changed.wait()
+
+
 @dataclass
 class Lease:
     """What a request runs on. `handle` is None for the base model and in merged mode."""
@@ -79,6 +101,21 @@ class Lease:
     kept: Kept | None = field(default=None, repr=False)
     pinned: bool = False
     epoch: int = 0  # the registry's weights_epoch when the lease was taken
+    # lora mode: the push this request waited for, until all its engine requests are submitted
+    waited_for: Incoming | None = field(default=None, repr=False)
+    unsent: int = 0
+
+    def submitted(self) -> None:
+        """Engine.generate's on_submit, once per engine request made under this lease."""
+        self.unsent -= 1
+        if self.unsent <= 0:
+            self.let_go()
+
+    def let_go(self) -> None:
+        if self.waited_for is not None:
+            self.waited_for.unsent -= 1
+            self.waited_for.changed()
+            self.waited_for = None
 
 
 class AdapterRegistry:
@@ -103,9 +140,9 @@ class AdapterRegistry:
         self._open = asyncio.Event()
         self._open.set()
         self._idle = asyncio.Condition()
-        # lora mode: one event per verified push the engine is loading to make active; set
-        # once it is active or has failed. Requests that follow the active version wait.
-        self._incoming: set[asyncio.Event] = set()
+        # lora mode: the verified pushes the engine is loading to make active. Requests that
+        # follow the active version wait for them.
+        self._incoming: set[Incoming] = set()
 
     # ------------------------------------------------------------------ paths and persistence
 
@@ -178,9 +215,13 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------------ leases
 
-    async def acquire(self, target: str, pinned: tuple[str, int] | None = None) -> Lease:
+    async def acquire(self, target: str, pinned: tuple[str, int] | None = None,
+                      requests: int = 1) -> Lease:
         """target: "active", "base" or "pinned". Resolved now: a later switch doesn't move it,
-        except in merged mode, where an unpinned request follows the weights (see finished_by)."""
+        except in merged mode, where an unpinned request follows the weights (see finished_by).
+        requests: how many engine requests will run under the lease (they report
+        Lease.submitted)."""
+        waited_for = None
         if self.mode == "merged":
             if target != "active":
                 # Pinned requests run on one version from start to end, so they wait out a
@@ -204,11 +245,18 @@ class AdapterRegistry:
             target = "active"
         elif target == "active" and self._incoming:
             # A checked version is being loaded to become active (the rest of an engine step
-            # and ~35 ms). A request started now on the version it replaces would produce the
-            # new version's first token a whole step later than one that waits: the engine
-            # takes the new request in the step after the load either way.
-            for event in list(self._incoming):
-                await event.wait()
+            # and ~35 ms, with the engine paused). A request started now on the version it
+            # replaces would produce the new version's first token a step later than one
+            # that waits: the push lets the engine go on only once the requests that waited
+            # are in, so they run in the first step after the load.
+            for incoming in list(self._incoming):
+                incoming.waiting += 1
+                try:
+                    await incoming.done.wait()
+                finally:
+                    incoming.waiting -= 1
+                    incoming.changed()
+                waited_for = incoming
         if target == "pinned":
             kept = self._kept.get(pinned)
             if kept is None or kept.retiring:
@@ -226,7 +274,11 @@ class AdapterRegistry:
             return Lease(None, None, epoch=self.weights_epoch)
         kept.in_flight += 1
         handle = kept.handle if self.mode == "lora" else None
-        return Lease(handle, kept.key, kept, epoch=self.weights_epoch)
+        lease = Lease(handle, kept.key, kept, epoch=self.weights_epoch)
+        if waited_for is not None:  # no await since the wait: the push sees this at once
+            waited_for.unsent += 1
+            lease.waited_for, lease.unsent = waited_for, requests
+        return lease
 
     @property
     def switching(self) -> bool:
@@ -239,6 +291,7 @@ class AdapterRegistry:
         return self.active, self.weights_epoch != lease.epoch
 
     async def release(self, lease: Lease) -> None:
+        lease.let_go()  # ended before all its engine requests were submitted (an error)
         if lease.kept is not None:
             lease.kept.in_flight -= 1
         if lease.pinned:
@@ -249,8 +302,9 @@ class AdapterRegistry:
             await self._unload(lease.kept)
 
     @contextlib.asynccontextmanager
-    async def lease(self, target: str, pinned: tuple[str, int] | None = None):
-        held = await self.acquire(target, pinned)
+    async def lease(self, target: str, pinned: tuple[str, int] | None = None,
+                    requests: int = 1):
+        held = await self.acquire(target, pinned, requests)
         try:
             yield held
         finally:
@@ -298,30 +352,44 @@ class AdapterRegistry:
         os.replace(staged, final)
         kept = self._kept_from_meta(meta, final)
         start = time.perf_counter()
-        incoming = asyncio.Event()
-        if self.mode == "lora" and activate:
+        incoming = Incoming()
+        hold = self.mode == "lora" and activate
+        if hold:
             self._incoming.add(incoming)
         try:
-            if self.mode == "lora":
-                try:
-                    await self.engine.add_adapter(kept.handle)
-                except Exception:
-                    shutil.rmtree(final, ignore_errors=True)
-                    raise
-            self._kept[kept.key] = kept
-            self._newest[name] = max(self._newest.get(name, 0), version)
-            if activate:
-                await self._switch(kept.key)
-            else:
-                self._save_state()
+            # lora mode: the engine is paused from the end of its current step until the
+            # requests that waited for this version are in (see acquire): they then run in
+            # the step right after the load, not the one after that.
+            async with self.engine.paused() if hold else contextlib.nullcontext():
+                if self.mode == "lora":
+                    try:
+                        await self.engine.add_adapter(kept.handle)
+                    except Exception:
+                        shutil.rmtree(final, ignore_errors=True)
+                        raise
+                self._kept[kept.key] = kept
+                self._newest[name] = max(self._newest.get(name, 0), version)
+                if activate:
+                    await self._switch(kept.key)
+                else:
+                    self._save_state()
+                if hold:
+                    self._let_in(incoming)
+                    # A request slower than this to reach the engine (its client slow to take
+                    # a stream's first message, say) joins a later step; nobody waits longer.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(incoming.all_sent(), HOLD_SEND_SECONDS)
         finally:
             # Active now, or refused: either way the requests waiting on it go in.
-            self._incoming.discard(incoming)
-            incoming.set()
+            self._let_in(incoming)
         seconds = time.perf_counter() - start
         await self._retire_old(name)
         self._refresh_gauges()
         return kept, seconds
+
+    def _let_in(self, incoming: Incoming) -> None:
+        self._incoming.discard(incoming)
+        incoming.done.set()
 
     async def set_active(self, key: tuple[str, int] | None) -> tuple:
         """key None = base model. Returns (previous, now)."""
@@ -352,9 +420,13 @@ class AdapterRegistry:
                     async with self._idle:
                         await self._idle.wait_for(lambda: self._pinned_in_flight == 0)
                     path = self._kept[key].handle.path if key else None
-                    await self.engine.load_merged(path)
-                    self.active = key
-                    self.weights_epoch += 1
+                    # The label changes before the engine steps again: a request whose last
+                    # token comes from the new weights must see the new epoch (finished_by),
+                    # whatever order the event loop wakes the two up in.
+                    async with self.engine.paused():
+                        await self.engine.load_merged(path)
+                        self.active = key
+                        self.weights_epoch += 1
                 finally:
                     self._open.set()
             else:

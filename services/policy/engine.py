@@ -6,7 +6,8 @@ The servicer never touches vLLM types: it hands an engine token ids, a `Sampling
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -84,8 +85,17 @@ class Engine(Protocol):
         request_id: str,
         adapter: AdapterHandle | None,
         stream: bool,
+        on_submit: Callable[[], None] | None = None,
     ) -> AsyncIterator[EngineOutput]:
-        """Yields outputs until finished. Cancelling the iteration aborts the request."""
+        """Yields outputs until finished. Cancelling the iteration aborts the request.
+        on_submit is called once the request is queued for the engine, ahead of anything sent
+        to it later (so a paused engine takes it in its first step after the pause)."""
+        ...
+
+    def paused(self) -> AbstractAsyncContextManager[None]:
+        """No engine step runs inside the block (it begins once the current step ends);
+        requests in the engine stay there and go on after it. Blocks may overlap: the engine
+        runs again when the last one ends."""
         ...
 
     async def add_adapter(self, handle: AdapterHandle) -> None: ...
@@ -93,7 +103,8 @@ class Engine(Protocol):
     async def remove_adapter(self, handle: AdapterHandle) -> None: ...
 
     async def load_merged(self, weights_dir: Path | None) -> None:
-        """merged mode: replace the served weights in place (None = the base weights).
+        """merged mode: replace the served weights in place (None = the base weights), in a
+        paused() block of its own (or the caller's, to act before the engine steps again).
         Requests still in the engine go on with the new weights from a clean state (their
         prompt and tokens so far recomputed); no cached state of the old weights is reused."""
         ...

@@ -166,7 +166,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         changed under them (else None)."""
         final: dict[int, CompletionDelta] = {}
         async for out in self.engine.generate(ids, sampling, request_id, lease.handle,
-                                              stream=False):
+                                              stream=False, on_submit=lease.submitted):
             for c in out.completions:
                 final[c.index] = c
         now, switched = self.registry.finished_by(lease)
@@ -196,7 +196,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         rid = current_request_id()
         tag = uuid.uuid4().hex[:8]
         with self.admission.admit(len(prepared) * sampling.n):
-            async with self.registry.lease(target, pinned) as lease:
+            async with self.registry.lease(target, pinned, len(prepared)) as lease:
                 self.stats.prompt_tokens.inc(sum(len(ids) for ids, _ in prepared))
                 try:
                     async with asyncio.TaskGroup() as tg:
@@ -242,7 +242,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 yield policy_pb2.GenerateStreamResponse(
                     served_by=served_by(lease.served), prompt_token_ids=ids
                 )
-                async for out in self.engine.generate(ids, s, rid, lease.handle, stream=True):
+                async for out in self.engine.generate(ids, s, rid, lease.handle, stream=True,
+                                                      on_submit=lease.submitted):
                     for c in out.completions:
                         if not c.token_ids and c.finish_reason is None:
                             continue

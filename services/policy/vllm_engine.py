@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from rlhf.plumbing.cpus import parse_cpu_list, pin_process
@@ -46,6 +47,7 @@ class VllmEngine:
         self.vocab_size = 0
         self.dtype = config.dtype
         self._merged_lock = asyncio.Lock()
+        self._pauses = 0  # paused() blocks open
         # Called once the engine core is gone, so health turns NOT_SERVING and the pod restarts.
         self.on_dead = None
 
@@ -140,8 +142,11 @@ class VllmEngine:
         request_id: str,
         adapter: AdapterHandle | None,
         stream: bool,
+        on_submit: Callable[[], None] | None = None,
     ) -> AsyncIterator[EngineOutput]:
+        from vllm.inputs import tokens_input
         from vllm.lora.request import LoRARequest
+        from vllm.outputs import STREAM_FINISHED
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self.llm is None:
@@ -150,21 +155,46 @@ class VllmEngine:
         if adapter is not None:
             lora = LoRARequest(adapter.engine_name, adapter.engine_id, str(adapter.path))
         want_lp = sampling.logprobs or sampling.top_logprobs > 0
+        queue = None
         try:
-            async for out in self.llm.generate(
-                {"prompt_token_ids": prompt_ids}, self._params(sampling, stream), request_id,
+            # AsyncLLM.add_request rather than generate(): it returns once the request is on
+            # its way to the engine core, which on_submit reports (a push holds the engine
+            # paused until the requests it held back are in). A token-ids input skips the
+            # renderer's thread pool, a thread hop per request that raw prompts take.
+            queue = await self.llm.add_request(
+                request_id, tokens_input(prompt_ids), self._params(sampling, stream),
                 lora_request=lora,
-            ):
+            )
+            if on_submit is not None:
+                on_submit()
+            finished = False
+            while not finished:
+                out = queue.get_nowait() or await queue.get()
+                finished = out.finished
+                if out is STREAM_FINISHED:
+                    continue
                 yield EngineOutput(
                     completions=[_delta(c, want_lp, sampling) for c in out.outputs],
                     finished=out.finished,
                 )
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away (a cancelled call, an expired deadline): free the engine.
+            if queue is not None:
+                await self.llm.abort(queue.request_id, internal=True)
+            raise
         except EngineDeadError as exc:
             if self.on_dead is not None:
                 self.on_dead()
             raise Unavailable(f"the generation engine died: {exc}") from exc
         except ValueError as exc:  # vLLM's own request validation
             raise InvalidArgument(str(exc)) from exc
+        except Exception:
+            if queue is not None:
+                await self.llm.abort(queue.request_id, internal=True)
+            raise
+        finally:
+            if queue is not None:
+                queue.close()
 
     async def add_adapter(self, handle: AdapterHandle) -> None:
         from vllm.lora.request import LoRARequest
@@ -178,34 +208,44 @@ class VllmEngine:
     async def remove_adapter(self, handle: AdapterHandle) -> None:
         await self.llm.remove_lora(handle.engine_id)
 
+    @contextlib.asynccontextmanager
+    async def paused(self):
+        # "keep": requests in the engine stay there; none is aborted. (AsyncLLM's
+        # pause_generation would add a 20 ms sleep meant for callers that want the last
+        # outputs delivered first; ours go on, so it would be pure delay.) The engine core
+        # takes its input in order: whatever is sent after the pause, with or before the
+        # answer, waits for the resume.
+        self._pauses += 1
+        try:
+            if self._pauses == 1:
+                await self.llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
+            yield
+        finally:
+            self._pauses -= 1
+            if self._pauses == 0:
+                # Shielded: a cancelled caller must not leave every request stalled.
+                await asyncio.shield(self.llm.resume_generation())
+
     async def load_merged(self, weights_dir: Path | None) -> None:
         import cloudpickle
 
         from services.policy.merge import reload_merged
 
-        async with self._merged_lock:
-            # "keep": requests in the engine stay there; none is aborted. The registry has
-            # already drained the ones pinned to the old version.
-            # (AsyncLLM.pause_generation would add a 20 ms sleep meant for callers that
-            # want the last outputs delivered first; ours go on, so it's pure delay.)
-            await self.llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
-            try:
-                base = str(self.config.resolved_model())
-                adapter = str(weights_dir) if weights_dir is not None else None
-                # The engine core runs in its own process and its RPC encoder takes no
-                # functions; vLLM accepts a cloudpickled callable (by reference: the core
-                # imports services.policy.merge). Only paths go across, never tensors.
-                await self.llm.collective_rpc(
-                    cloudpickle.dumps(reload_merged),
-                    kwargs={"base_dir": base, "adapter_dir": adapter},
-                )
-                # Requests still running go on with the new weights from a clean state: vLLM
-                # preempts them and recomputes their prompt and tokens so far, and no cached
-                # prefix of the old weights survives.
-                await self.llm.reset_prefix_cache(reset_running_requests=True)
-            finally:
-                await self.llm.resume_generation()
-
+        # The registry has already drained the requests pinned to the old version.
+        async with self._merged_lock, self.paused():
+            base = str(self.config.resolved_model())
+            adapter = str(weights_dir) if weights_dir is not None else None
+            # The engine core runs in its own process and its RPC encoder takes no
+            # functions; vLLM accepts a cloudpickled callable (by reference: the core
+            # imports services.policy.merge). Only paths go across, never tensors.
+            await self.llm.collective_rpc(
+                cloudpickle.dumps(reload_merged),
+                kwargs={"base_dir": base, "adapter_dir": adapter},
+            )
+            # Requests still running go on with the new weights from a clean state: vLLM
+            # preempts them and recomputes their prompt and tokens so far, and no cached
+            # prefix of the old weights survives.
+            await self.llm.reset_prefix_cache(reset_running_requests=True)
 
 def _delta(c, want_lp: bool, sampling: Sampling) -> CompletionDelta:
     token_ids = list(c.token_ids)
