@@ -207,6 +207,24 @@ def test_a_write_to_another_slot_keeps_what_was_built_for_this_one():
     torch.testing.assert_close(rebuilt[1][0], a[0][0, 0].T)
 
 
+def test_with_slot_writes_counted_only_a_write_to_this_slot_rebuilds_it(monkeypatch):
+    """In the engine, vLLM's slot writes are counted (count_slot_writes): a write to another
+    slot keeps what was built without comparing weights; a write to this one rebuilds it."""
+    monkeypatch.setattr(cpu_lora, "_SLOT_WRITES", {})
+    gen = torch.Generator().manual_seed(4)
+    a = (torch.randn(3, 1, RANK, HIDDEN, generator=gen),)
+    b = (torch.randn(3, 1, OUT, RANK, generator=gen),)
+    built = cpu_lora._fused(a, b, (OUT,), 0, torch.float32)
+    a[0][1].normal_(generator=gen)
+    cpu_lora._SLOT_WRITES[1] = 1
+    assert cpu_lora._fused(a, b, (OUT,), 0, torch.float32) is built
+    a[0][0].normal_(generator=gen)
+    cpu_lora._SLOT_WRITES[0] = 1
+    rebuilt = cpu_lora._fused(a, b, (OUT,), 0, torch.float32)
+    assert rebuilt is not built
+    torch.testing.assert_close(rebuilt[1][0], a[0][0, 0].T)
+
+
 def test_without_this_steps_groups_the_layer_goes_to_vllms_path():
     """A wrapper whose metadata vLLM updated without our hook (or a token count that doesn't
     match it) takes vLLM's own add_lora_linear: same result as calling it directly."""

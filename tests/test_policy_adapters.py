@@ -128,14 +128,15 @@ async def test_mixed_batch_gives_each_request_its_own_weights(policy, tiny_adapt
 
 async def test_the_engine_runs_the_grouped_cpu_lora_ops(policy):
     """The equivalence tests in this file run through services/policy/cpu_lora.py: the engine
-    process swapped them in at start (cpu_lora_ops = grouped, the default)."""
+    process swapped them in at start (cpu_lora_ops = grouped, the default), and counts slot
+    writes (so the hot-swap tests check that a reused slot is rebuilt)."""
     import cloudpickle
 
     from services.policy import cpu_lora
 
     [names] = await policy.app.engine.llm.collective_rpc(cloudpickle.dumps(cpu_lora.installed))
     assert set(names) == {*cpu_lora._OPS, "PunicaWrapperCPU.update_metadata",
-                          "PunicaWrapperCPU.add_lora_linear"}
+                          "PunicaWrapperCPU.add_lora_linear", "LoRAModelManager.activate_adapter"}
 
 
 async def test_rollback_and_list(policy, tiny_adapters):
