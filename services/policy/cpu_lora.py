@@ -177,7 +177,7 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
 # slot's write count then)
 _FUSED: dict[tuple, tuple] = {}
 # slot -> how many times vLLM has written it (LoRAModelManager.activate_adapter, the only place
-# it writes slots); None until install() counts them, and then a changed version counter is
+# it writes slots); None until install() counts them. While None, a changed version counter is
 # told apart from a write to this slot by comparing weights.
 _SLOT_WRITES: dict[int, int] | None = None
 _ORIGINAL: dict[str, object] = {}
@@ -206,10 +206,7 @@ def _fused(lora_a_stacked, lora_b_stacked, output_slices, slot: int, dtype):
     if writes is None:
         snapshot = [(a[slot], b[slot])
                     for a, b in zip(lora_a_stacked, lora_b_stacked, strict=True)]
-    if seen is not None and (seen[3] == writes if writes is not None else seen[2] is not None
-                             and all(torch.equal(now_a, then_a) and torch.equal(now_b, then_b)
-                                     for (now_a, now_b), (then_a, then_b) in zip(
-                                         snapshot, seen[2], strict=True))):
+    if seen is not None and _slot_unchanged(seen, snapshot, writes):
         _FUSED[key] = (versions, seen[1], seen[2], writes)
         return seen[1]
     if snapshot is not None:
@@ -238,6 +235,16 @@ def _fused(lora_a_stacked, lora_b_stacked, output_slices, slot: int, dtype):
         built = ((a_cat_t, b_diag_t), (a_cat_t.float(), b_diag_t.float()))
     _FUSED[key] = (versions, built, snapshot, writes)
     return built
+
+
+def _slot_unchanged(seen: tuple, snapshot, writes: int | None) -> bool:
+    """Whether a slot still holds what `seen` was built from: by its write count when vLLM's
+    writes are counted, else by comparing its weights with the copy kept then."""
+    if writes is not None:
+        return seen[3] == writes
+    return seen[2] is not None and all(
+        torch.equal(now_a, then_a) and torch.equal(now_b, then_b)
+        for (now_a, now_b), (then_a, then_b) in zip(snapshot, seen[2], strict=True))
 
 
 def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
