@@ -92,6 +92,9 @@ async def test_a_request_sent_while_a_push_loads_is_served_by_the_new_version(
 
     monkeypatch.setattr(engine, "add_adapter", held_add)
     monkeypatch.setattr(engine.llm, "resume_generation", resume)
+    # The cap on waiting for the held request is a time; a slow machine must not trip it here
+    # (test_policy_registry.py tests the cap).
+    monkeypatch.setattr("services.policy.adapters.HOLD_SEND_SECONDS", 30.0)
     push = asyncio.create_task(_push(policy, tiny_adapters[1], "hold", 2))
     await adding.wait()
     assert await engine.llm.is_paused()
