@@ -39,7 +39,7 @@ QUESTIONS = [
 
 
 def default_model() -> Path:
-    from rlhf.models.paths import default_model_dir
+    from rlhf.paths import default_model_dir
 
     path = default_model_dir()
     if not (path / "config.json").exists():

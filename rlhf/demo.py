@@ -105,7 +105,7 @@ async def _run_step(cmd: list[str], log: Path, console, what: str) -> None:
 
 async def reward_model(plan: DemoPlan, run_dir: Path, console, retrain: bool) -> tuple[Path, dict]:
     """The MiniLM sentiment reward model: trained once, then reused from $RLHF_HOME/demo."""
-    from rlhf.models.paths import rlhf_home
+    from rlhf.paths import rlhf_home
 
     out = rlhf_home() / RM_CACHE / f"pairs{plan.rm_pairs}-seed{plan.seed}"
     meta_file = out / "rlhf_reward.json"
@@ -285,7 +285,7 @@ async def run_demo(plan: DemoPlan, run_dir: Path, model: Path | None, console,
                    retrain_rm: bool, policy_replicas: int,
                    reward_model_dir: Path | None = None,
                    stack_config: Path | None = None) -> dict:
-    from rlhf.models.paths import default_model_dir
+    from rlhf.paths import default_model_dir
     from rlhf.up import ServiceFailed, Stack, UpOptions, plan_stack, read_stack_config
 
     started = time.monotonic()
@@ -469,7 +469,7 @@ def demo(steps, quick, run_dir, model, seed, retrain_rm, reward_model_dir, polic
     adapters, best-of-n before and after, plot and summary."""
     from rich.console import Console
 
-    from rlhf.models.paths import default_model_dir
+    from rlhf.paths import default_model_dir
     from rlhf.plumbing.config import ConfigError
     from rlhf.up import ServiceFailed, default_run_dir
 

@@ -178,7 +178,7 @@ def plan_stack(opts: UpOptions) -> list[Service]:
     """The processes to start, with their ports, flags, environment and log files."""
     import yaml
 
-    from rlhf.models.paths import default_model_dir
+    from rlhf.paths import default_model_dir
 
     run_dir = opts.run_dir.resolve()
     for sub in ("logs", "config", "data"):
@@ -656,7 +656,7 @@ def _log_has(path: Path, offset: int, marker: str) -> bool:
 
 
 def default_run_dir(kind: str = "up") -> Path:
-    from rlhf.models.paths import rlhf_home
+    from rlhf.paths import rlhf_home
 
     return rlhf_home() / "stacks" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 # Before anything imports transformers or vLLM: nothing may reach a model hub, and vLLM on CPU
@@ -22,15 +21,10 @@ for _var in ("VLLM_RPC_BASE_PATH", "VLLM_CACHE_ROOT"):
 
 import pytest  # noqa: E402
 
-from tests.fixtures_models import *  # noqa: E402,F401,F403
-from tests.fixtures_policy import *  # noqa: E402,F401,F403
-from tests.fixtures_reward import *  # noqa: E402,F401,F403
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.fixtures.models import *  # noqa: E402,F401,F403
+from tests.fixtures.policy import *  # noqa: E402,F401,F403
+from tests.fixtures.ports import free_port  # noqa: E402
+from tests.fixtures.reward import *  # noqa: E402,F401,F403
 
 
 @pytest.fixture

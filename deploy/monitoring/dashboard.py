@@ -6,8 +6,8 @@ version per policy replica against the trainer's latest, load latency, failed pu
 
 `generate.py` writes it as JSON into the monitoring component, where a ConfigMap carries it to
 Grafana's dashboard sidecar; a test fails when the committed JSON differs from what this builds.
-Every query is checked by promtool (tests/test_deploy.py) and run against a real Prometheus
-scraping the real services (tests/test_prometheus_scrape.py).
+Every query is checked by promtool (tests/deploy/test_deploy.py) and run against a real Prometheus
+scraping the real services (tests/deploy/test_prometheus_scrape.py).
 
 Metric names are the services' own (DESIGN.md decision 12); `job` is the Service's
 app.kubernetes.io/name (rlhf-policy, rlhf-reward, rlhf-trainer, rlhf-gateway).

@@ -4,7 +4,7 @@ Heavy libraries (torch, transformers) are imported inside the functions, so impo
 package (e.g. for the CLI's --help) stays cheap.
 """
 
-from rlhf.models.paths import default_model_dir, rlhf_home
+from rlhf.paths import default_model_dir, rlhf_home
 from rlhf.models.prepare import (
     ModelSourceMissing,
     ModelVerificationError,

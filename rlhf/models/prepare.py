@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.models._fs import atomic_dir, dir_lock, write_json_atomic
-from rlhf.models.paths import default_model_dir
+from rlhf.files import atomic_dir, dir_lock, atomic_write
+from rlhf.paths import default_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def prepare_default_model(
                 # Prepared earlier with verify=False: check it now, once.
                 say(f"verifying {out}")
                 sample = verify_model_dir(out)
-                write_json_atomic(out / MARKER, _marker_json(src, verified=True, sample=sample))
+                atomic_write(out / MARKER, _marker_json(src, verified=True, sample=sample))
             say(f"{out} is up to date")
             return out
 

@@ -12,7 +12,7 @@ import random
 import time
 from pathlib import Path
 
-from rlhf.models._fs import atomic_dir
+from rlhf.files import atomic_dir
 
 MARKER = "rlhf_tiny.json"
 DEFAULT_VOCAB_SIZE = 512

@@ -25,6 +25,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from rlhf.paths import rlhf_home
+
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the key and the source."""
@@ -62,10 +64,6 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must hold a mapping of keys")
     return data
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("RLHF_HOME", "~/.cache/rlhf-grpc")).expanduser()
 
 
 class ServerTLS(BaseModel):
@@ -129,7 +127,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the server binds (0.0.0.0 in pods).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
-    data_dir: Path = Field(default_factory=default_data_dir)
+    data_dir: Path = Field(default_factory=rlhf_home)
     client_tls: ClientTLS = Field(default_factory=ClientTLS)
 
     @classmethod

@@ -189,7 +189,7 @@ def resolve_backbone(name: str) -> Path:
     """`default` (the prepared SmolLM2 folder), `minilm` (all-MiniLM-L6-v2 from its PyPI
     package), or a path to an HF model folder."""
     if name == "default":
-        from rlhf.models.paths import default_model_dir
+        from rlhf.paths import default_model_dir
 
         path = default_model_dir()
         hint = "; run `rlhf model prepare`"

@@ -94,7 +94,7 @@ class RunSettings(BaseModel):
             raise ConfigError(f"invalid run config ({source}): {problems}") from None
 
     def resolved_model(self) -> Path:
-        from rlhf.models.paths import default_model_dir
+        from rlhf.paths import default_model_dir
 
         return self.model or default_model_dir()
 

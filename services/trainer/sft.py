@@ -37,7 +37,7 @@ from pathlib import Path
 
 import click
 
-from rlhf.models.paths import default_model_dir
+from rlhf.paths import default_model_dir
 from services.trainer.jsonl import DataError, SFTRecord, read_sft
 
 METRICS_FILE = "sft_metrics.jsonl"
@@ -284,7 +284,7 @@ def run_sft(config: SFTConfig) -> Path:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from rlhf.models._fs import atomic_dir
+    from rlhf.files import atomic_dir
     from services.trainer.distributed import world
 
     ranks = world()
