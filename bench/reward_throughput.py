@@ -31,7 +31,7 @@ def make_minilm_rm(out: Path) -> Path:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from services.trainer.rm_train import minilm_dir
+    from services.trainer.rm.model import minilm_dir
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(str(minilm_dir()), num_labels=1)
@@ -43,7 +43,7 @@ def make_minilm_rm(out: Path) -> Path:
 
 def workload(n: int):
     from rlhf.v1 import reward_pb2
-    from services.trainer.rm_data import movie_snippets
+    from services.trainer.rm.sentiment import movie_snippets
 
     rng = random.Random(0)
     snippets = [text for _, text in movie_snippets()]

@@ -14,11 +14,11 @@ from gateway.generation import (
     sample,
     sampling,
     score_all,
-    text_prompt,
 )
 from gateway.model_names import answered_by, selector_for, served_id
 from gateway.schemas import BestOfNRequest, BestOfNResponse, Candidate, Usage
 from gateway.state import Caller, RequestId, State
+from rlhf.formats import text_prompt
 
 router = APIRouter()
 

@@ -25,7 +25,6 @@ from gateway.generation import (
     sampling,
     score_all,
     stop_list,
-    text_prompt,
 )
 from gateway.model_names import answered_by, model_id, selector_for, served_id
 from gateway.schemas import (
@@ -42,6 +41,7 @@ from gateway.schemas import (
     Usage,
 )
 from gateway.state import Caller, GatewayState, RequestId, State
+from rlhf.formats import text_prompt
 from rlhf.v1 import common_pb2, policy_pb2
 
 router = APIRouter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from rlhf.clients import check_addresses
 from rlhf.plumbing.config import AddressList, Settings
 
 
@@ -39,6 +40,11 @@ class GatewayConfig(Settings):
                           "(default: <data_dir>/gateway/feedback.db).")
     # Model id reported by the OpenAI endpoints for `base`; informative only.
     served_model_name: str = Field("rlhf-grpc", description="Owner shown in /v1/models.")
+
+    @field_validator("policy_addr", "reward_addr")
+    @classmethod
+    def _addresses(cls, addrs: list[str]) -> list[str]:
+        return check_addresses(addrs)
 
     @field_validator("api_keys")
     @classmethod

@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rlhf.clients import CallFailed
+
 log = logging.getLogger("rlhf.gateway")
 
 _TYPES = {
@@ -64,19 +66,19 @@ _UPSTREAM = {
 }
 
 
-def from_upstream(service: str, err: grpc.aio.AioRpcError) -> APIError:
-    status, code = _UPSTREAM.get(err.code(), (502, "upstream_error"))
-    if service == "policy" and err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+def from_upstream(service: str, err: CallFailed) -> APIError:
+    status, code = _UPSTREAM.get(err.code, (502, "upstream_error"))
+    if service == "policy" and err.code == grpc.StatusCode.FAILED_PRECONDITION:
         # The policy can't serve what was asked in its current state (a merged-mode replica
         # asked for the base model): the request conflicts with the server's state.
         status, code = 409, "model_unavailable"
-    detail = err.details() or err.code().name
+    detail = err.details or err.code.name
     if status == 504:
         message = f"the {service} service did not answer in time ({detail})"
     elif status == 503:
         message = f"the {service} service is unavailable: {detail}"
     elif status == 502:
-        message = f"the {service} service failed: {err.code().name}: {detail}"
+        message = f"the {service} service failed: {err.code.name}: {detail}"
     else:
         message = detail
     headers = {"Retry-After": "1"} if status == 503 else None

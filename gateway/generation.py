@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from gateway.errors import APIError
 from gateway.upstream import Upstreams
+from rlhf import formats
+from rlhf.formats import wire_role
 from rlhf.v1 import common_pb2, policy_pb2, reward_pb2
 
 FINISH = {policy_pb2.FINISH_REASON_STOP: "stop", policy_pb2.FINISH_REASON_LENGTH: "length"}
@@ -43,15 +45,10 @@ def sampling(n: int, max_tokens: int, temperature: float, top_p: float, seed: in
     return params
 
 
-def text_prompt(text: str) -> common_pb2.Prompt:
-    return common_pb2.Prompt(text=text)
-
-
 def chat_prompt(messages: Sequence[tuple[str, str]]) -> common_pb2.Prompt:
-    # "developer" is OpenAI's newer name for the system turn; chat templates know "system".
-    return common_pb2.Prompt(chat=common_pb2.ChatConversation(messages=[
-        common_pb2.ChatMessage(role="system" if role == "developer" else role, content=content)
-        for role, content in messages]))
+    """(role, content) turns of a request, OpenAI's role aliases mapped to the wire's roles."""
+    return formats.chat_prompt({"role": wire_role(role), "content": content}
+                               for role, content in messages)
 
 
 def prompt_as_text(prompt: common_pb2.Prompt) -> str:
@@ -65,10 +62,11 @@ def prompt_as_text(prompt: common_pb2.Prompt) -> str:
 
 
 def score_item(prompt: common_pb2.Prompt, completion: str) -> reward_pb2.ScoreItem:
+    """The reward service's item for a completion of `prompt` (token ids are sent as text)."""
     if prompt.WhichOneof("kind") == "chat":
-        return reward_pb2.ScoreItem(prompt_messages=list(prompt.chat.messages),
-                                    completion=completion)
-    return reward_pb2.ScoreItem(prompt=prompt_as_text(prompt), completion=completion)
+        return formats.score_item(completion, messages=[
+            {"role": m.role, "content": m.content} for m in prompt.chat.messages])
+    return formats.score_item(completion, prompt=prompt_as_text(prompt))
 
 
 def rank(scores: Sequence[float | None]) -> list[int]:

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from rlhf.formats import ROLE_ALIASES, ROLES
+
 
 def _utf8(value: str) -> str:
     # JSON may carry lone surrogates ("\ud800"), which protobuf strings cannot hold.
@@ -29,13 +31,17 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 MaxTokens = Annotated[int, Field(ge=1, le=1_000_000)]
 Count = Annotated[int, Field(ge=1, le=1024)]
 
+# The chat roles a request may use: the wire's, but "tool" (this API has no tool calling), and
+# OpenAI's aliases ("developer"), which the gateway sends as the role they stand for.
+ChatRole = Literal[tuple(r for r in ROLES if r != "tool") + tuple(ROLE_ALIASES)]
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: ChatRole
     content: Text = Field(min_length=1, max_length=200_000)
 
 
@@ -167,7 +173,7 @@ class ChatContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: ChatRole
     content: Text | list[ChatContentPart]
     name: str | None = None
 

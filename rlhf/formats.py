@@ -108,3 +108,14 @@ def rm_tokenize(tokenizer, fmt: str, prompts: Sequence[str | Sequence[Mapping[st
                  for p, c in zip(prompts, completions, strict=True)]
         return tokenizer(texts, add_special_tokens=False, **common)
     return tokenizer([rm_prompt_text(p) for p in prompts], list(completions), **common)
+
+
+# ---- chat roles of OpenAI's API ------------------------------------------------------------------
+
+# OpenAI's chat API also calls the system turn "developer"; chat templates know only "system".
+ROLE_ALIASES: dict[str, str] = {"developer": "system"}
+
+
+def wire_role(role: str) -> str:
+    """A chat role as the wire has it: an alias becomes its role in ROLES."""
+    return ROLE_ALIASES.get(role, role)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlhf.formats import ROLES, rm_prompt_text
 from rlhf.plumbing.errors import InvalidArgument
-
-ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -25,12 +24,14 @@ class Item:
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages]
 
+    def prompt_value(self) -> str | list[dict[str, str]]:
+        """The prompt as `rlhf.formats` takes it: the text, or the chat's turns."""
+        return self.message_dicts() if self.is_chat else self.prompt
+
     def prompt_text(self) -> str:
         """The prompt as one string, for scorers that read text (a chat becomes `role: text`
         lines, the same rendering the reward-model trainer uses)."""
-        if not self.is_chat:
-            return self.prompt
-        return "\n".join(f"{role}: {content}" for role, content in self.messages)
+        return rm_prompt_text(self.prompt_value())
 
 
 def parse_items(items, max_items: int, max_chars: int) -> list[Item]:

@@ -14,6 +14,12 @@ from pathlib import Path
 
 import torch
 
+from rlhf.formats import (
+    ADAPTER_CONFIG_FILE,
+    RM_FORMATS,
+    rm_default_format,
+    rm_read_meta,
+)
 from rlhf.plumbing.errors import FailedPrecondition
 from services.reward import rm_text
 from services.reward.items import Item
@@ -62,14 +68,14 @@ class RewardModel:
         if not path.is_dir():
             raise FailedPrecondition(f"reward model folder {path} does not exist")
         try:
-            meta = rm_text.read_meta(path)
-            if (path / "adapter_config.json").exists():
+            meta = rm_read_meta(path)
+            if (path / ADAPTER_CONFIG_FILE).exists():
                 model, base = self._load_adapter(path, meta)
             elif (path / "config.json").exists():
                 model, base = self._load_full(path), path
             else:
                 raise FailedPrecondition(
-                    f"reward model folder {path} has neither config.json nor adapter_config.json"
+                    f"reward model folder {path} has neither config.json nor {ADAPTER_CONFIG_FILE}"
                 )
             tokenizer = _load_tokenizer(path, base)
         except FailedPrecondition:
@@ -84,8 +90,8 @@ class RewardModel:
             raise FailedPrecondition(f"reward model {path}: its tokenizer has no pad or eos token")
         # Decoder heads find the last real token by the pad id; it must match the tokenizer's.
         model.config.pad_token_id = tokenizer.pad_token_id
-        self.format = meta.get("format") or rm_text.default_format(tokenizer)
-        if self.format not in rm_text.FORMATS:
+        self.format = meta.get("format") or rm_default_format(tokenizer)
+        if self.format not in RM_FORMATS:
             raise FailedPrecondition(f"reward model {path}: unknown format {self.format!r}")
         num_labels = model.config.num_labels
         if num_labels > 1:
@@ -121,7 +127,7 @@ class RewardModel:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
 
-        config = json.loads((path / "adapter_config.json").read_text())
+        config = json.loads((path / ADAPTER_CONFIG_FILE).read_text())
         base = Path(str(config.get("base_model_name_or_path") or "")).expanduser()
         if not base.is_absolute() and (path / base).is_dir():
             base = path / base

@@ -1,52 +1,20 @@
-"""How a (prompt, completion) pair becomes a reward model's input.
-
-Two formats, recorded by `rlhf train rm` in the model folder's `rlhf_reward.json` so serving
-reads the text exactly as training did:
-- `chat`: the prompt (a chat, or a text as one user turn) plus the completion as the assistant
-  turn, rendered with the tokenizer's chat template. Decoder models read the reward at the last
-  token, so the completion's end must survive truncation: inputs are cut from the left.
-- `pair`: the tokenizer's text-pair encoding (`[CLS] prompt [SEP] completion [SEP]` for BERT-like
-  encoders), a chat prompt written as `role: content` lines.
-A folder without the file gets `chat` when its tokenizer has a chat template, else `pair`.
-
-The trainer (services/trainer/rm_train.py) keeps its own copy of these few lines (services never
-import each other); tests/test_reward_train.py checks that both give the same token ids.
-"""
+"""A batch of items as a reward model's input, in the format the model was trained with
+(`rlhf.formats`: `chat` or `pair`, recorded in the model folder), and how the batch is cut into
+forward passes."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
+from rlhf.formats import rm_default_format, rm_tokenize
 from services.reward.items import Item
 
-META_FILE = "rlhf_reward.json"
-FORMATS = ("chat", "pair")
-
-
-def read_meta(folder: Path) -> dict:
-    path = folder / META_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def default_format(tokenizer) -> str:
-    return "chat" if getattr(tokenizer, "chat_template", None) else "pair"
-
-
-def chat_messages(item: Item) -> list[dict[str, str]]:
-    prompt = item.message_dicts() if item.is_chat else [{"role": "user", "content": item.prompt}]
-    return [*prompt, {"role": "assistant", "content": item.completion}]
+# The name tests/trainer/test_rm_train.py compares the trainer's choice of format with.
+default_format = rm_default_format
 
 
 def tokenize(tokenizer, fmt: str, items: list[Item], max_tokens: int):
     """Token ids per item, unpadded, truncated from the left."""
-    tokenizer.padding_side = "right"
-    tokenizer.truncation_side = "left"
-    common = dict(truncation=True, max_length=max_tokens)
-    if fmt == "chat":
-        texts = [tokenizer.apply_chat_template(chat_messages(it), tokenize=False) for it in items]
-        return tokenizer(texts, add_special_tokens=False, **common)
-    return tokenizer([it.prompt_text() for it in items], [it.completion for it in items], **common)
+    return rm_tokenize(tokenizer, fmt, [it.prompt_value() for it in items],
+                       [it.completion for it in items], max_tokens)
 
 
 def pad(tokenizer, encoded, rows: list[int] | None = None):

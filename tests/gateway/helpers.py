@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from gateway.config import GatewayConfig
-from rlhf.adapter_push import push_adapter
+from rlhf.clients.push import push_adapter
 
 KEY = "test-key-0123456789"
 

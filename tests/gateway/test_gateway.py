@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
+from tests.fixtures.reward_helpers import start_reward
 from tests.gateway.helpers import (
     KEY,
     HungServer,
@@ -24,7 +25,6 @@ from tests.gateway.helpers import (
     push_policy_version,
     start_gateway,
 )
-from tests.fixtures.reward_helpers import start_reward
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -6,20 +6,42 @@ from __future__ import annotations
 import json
 
 import pytest
+from click.testing import CliRunner
+from pydantic import ValidationError
 
+from gateway.cli import command
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
 from gateway.feedback import BadIndex, FeedbackStore, StoredCandidate, UnknownAnswer
-from gateway.generation import rank
+from gateway.generation import chat_prompt, rank, score_item
 from gateway.guard import TokenBuckets
 from gateway.model_names import answered_by, selector_for, served_id
+from gateway.schemas import Message
+from rlhf.formats import text_prompt
 from rlhf.plumbing.config import ConfigError
-from rlhf.v1 import policy_pb2
+from rlhf.v1 import common_pb2, policy_pb2
 
 
 def test_rank_orders_by_score_then_index_with_unscored_last():
     assert rank([0.2, 0.9, None, 0.9, -1.0]) == [1, 3, 0, 4, 2]
     assert rank([None, None]) == [0, 1]
+
+
+def test_chat_roles_and_score_items():
+    """Requests take OpenAI's roles ("developer" too, sent as the system turn) but not "tool"
+    (no tool calling here); score items keep a chat prompt's turns and a text prompt's text."""
+    Message(role="developer", content="Be brief.")
+    with pytest.raises(ValidationError):
+        Message(role="tool", content="42")
+    prompt = chat_prompt([("developer", "Be brief."), ("user", "Hi")])
+    assert [(m.role, m.content) for m in prompt.chat.messages] == [
+        ("system", "Be brief."), ("user", "Hi")]
+    chat_item = score_item(prompt, "Hello.")
+    assert [m.role for m in chat_item.prompt_messages] == ["system", "user"]
+    assert chat_item.completion == "Hello." and not chat_item.prompt
+    assert score_item(text_prompt("Once"), "upon").prompt == "Once"
+    ids = common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=[5, 6]))
+    assert score_item(ids, "x").prompt == "5 6"
 
 
 def test_model_ids():
@@ -84,6 +106,26 @@ def test_config_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("RLHF_GATEWAY_API_KEY", "typo-in-the-name")
     with pytest.raises(ConfigError, match="RLHF_GATEWAY_API_KEY"):
         GatewayConfig.load()
+
+
+def test_config_refuses_missing_or_unusable_peer_addresses(monkeypatch, tmp_path):
+    """The gateway refuses to start without a usable policy or reward address, naming the key
+    (GatewayConfig.load is what `rlhf serve gateway` calls before anything else)."""
+    monkeypatch.setenv("RLHF_GATEWAY_POLICY_ADDR", "")
+    with pytest.raises(ConfigError, match="policy_addr: .*no address given"):
+        GatewayConfig.load(data_dir=tmp_path)
+    monkeypatch.delenv("RLHF_GATEWAY_POLICY_ADDR")
+    with pytest.raises(ConfigError, match="reward_addr: .*'reward' must be host:port"):
+        GatewayConfig.load(data_dir=tmp_path, reward_addr=["reward"])
+    with pytest.raises(ConfigError, match="reward_addr: .*IP literals"):
+        GatewayConfig.load(data_dir=tmp_path, reward_addr=["a:1", "b:1"])
+    ok = GatewayConfig.load(data_dir=tmp_path, policy_addr=["dns:///policy:50051"],
+                            reward_addr=["10.0.0.1:50052,10.0.0.2:50052"])
+    assert ok.reward_addr == ["10.0.0.1:50052", "10.0.0.2:50052"]
+    result = CliRunner().invoke(command, ["--port", "0", "--data-dir", str(tmp_path),
+                                          "--policy-addr", ""])
+    assert result.exit_code != 0 and "policy_addr: " in result.output
+    assert "no address given" in result.output and "RLHF_GATEWAY_POLICY_ADDR" in result.output
 
 
 def test_feedback_store_exports_pairs_and_ratings(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from services.trainer.rm_data import (
+from services.trainer.rm.sentiment import (
     DEFAULT_PROMPT,
     movie_snippets,
     sentiment_pairs,

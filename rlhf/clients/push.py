@@ -1,17 +1,20 @@
-"""Client side of PolicyService.PushAdapter: streams a peft adapter folder as header + chunks.
+"""Client side of PolicyService.PushAdapter: a peft adapter folder streamed as a header and
+chunks to one replica, and the outcome of a push to every replica.
 
-Used by the trainer (after each step), by `rlhf` tooling and by tests. The folder is what peft's
-`save_pretrained` writes: adapter_config.json and adapter_model.safetensors.
-"""
+The folder is what peft's `save_pretrained` writes (`ADAPTER_CONFIG_FILE` and
+`ADAPTER_WEIGHTS_FILE`). Pushing to all replicas with retries and a quorum is
+`PolicyClient.push`."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
+from rlhf.formats import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
 
 CHUNK_BYTES = 1024 * 1024
@@ -22,13 +25,13 @@ def push_requests(
     chunk_bytes: int = CHUNK_BYTES,
 ) -> Iterator[policy_pb2.PushAdapterRequest]:
     folder = Path(folder)
-    data = (folder / "adapter_model.safetensors").read_bytes()
+    data = (folder / ADAPTER_WEIGHTS_FILE).read_bytes()
     header = policy_pb2.AdapterHeader(
         adapter=policy_pb2.AdapterRef(name=name, version=version),
         sha256=hashlib.sha256(data).hexdigest(),
         size_bytes=len(data),
         base_model_id=base_model_id,
-        peft_config_json=(folder / "adapter_config.json").read_text(),
+        peft_config_json=(folder / ADAPTER_CONFIG_FILE).read_text(),
         skip_activate=not activate,
     )
     yield policy_pb2.PushAdapterRequest(header=header)
@@ -43,9 +46,20 @@ def admin_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 async def push_adapter(
     channel: grpc.aio.Channel, folder: Path, name: str, version: int, base_model_id: str, *,
     token: str | None = None, activate: bool = True, timeout: float = 120.0,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> policy_pb2.PushAdapterResponse:
+    """One push on `channel` (one replica); a refusal raises grpc.aio.AioRpcError."""
     stub = policy_pb2_grpc.PolicyServiceStub(channel)
     return await stub.PushAdapter(
         push_requests(folder, name, version, base_model_id, activate=activate),
-        metadata=admin_metadata(token), timeout=timeout,
+        metadata=admin_metadata(token) + tuple(metadata), timeout=timeout,
     )
+
+
+@dataclass
+class PushResult:
+    """Which replicas (endpoints) confirmed a version, and why the others refused it."""
+
+    version: int
+    confirmed: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
