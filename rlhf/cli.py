@@ -28,7 +28,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, help=__doc__,
-             lazy={"up": ("rlhf.up", "up"), "demo": ("rlhf.demo", "demo")})
+             lazy={"up": ("rlhf.stack.cli", "up"), "demo": ("rlhf.stack.demo", "demo")})
 @click.version_option(__version__, prog_name="rlhf")
 def main() -> None:
     pass
@@ -50,9 +50,9 @@ def serve() -> None:
 @main.group(
     cls=LazyGroup,
     lazy={
-        "ppo": ("services.trainer.cli", "train_ppo"),
-        "sft": ("services.trainer.sft", "train_sft"),
-        "rm": ("services.trainer.rm_train", "train_rm"),
+        "ppo": ("services.trainer.ppo.cli", "train_ppo"),
+        "sft": ("services.trainer.sft.cli", "train_sft"),
+        "rm": ("services.trainer.rm.cli", "train_rm"),
     },
 )
 def train() -> None:
@@ -60,7 +60,7 @@ def train() -> None:
 
 
 @main.group(cls=LazyGroup,
-            lazy={"sentiment-pairs": ("services.trainer.rm_data", "sentiment_pairs")})
+            lazy={"sentiment-pairs": ("services.trainer.rm.sentiment", "sentiment_pairs")})
 def data() -> None:
     """Build training data from packaged corpora."""
 

@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import httpx
 import psutil
 
-from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
+from rlhf.clients import TrainerClient
+from rlhf.v1 import trainer_pb2
 
-# Dense and learnable from a random tiny model (as in test_trainer.py).
+# Dense and learnable from a random tiny model.
 RULE = "rule:length?target=60&unit=chars"
 PROMPTS = ["the cat", "a dog", "hello", "once upon", "red apple", "big sky", "my friend",
            "the end", "blue sea", "good day", "we go", "in the"]
@@ -236,16 +236,13 @@ class RunWatch:
 
 
 async def start_run(trainer_addr: str, run_id: str, config: trainer_pb2.RunConfig) -> RunWatch:
-    async with grpc.aio.insecure_channel(trainer_addr) as ch:
-        await trainer_pb2_grpc.TrainerServiceStub(ch).StartRun(
-            trainer_pb2.StartRunRequest(run_id=run_id, config=config), timeout=120)
+    async with TrainerClient(trainer_addr) as trainer:
+        await trainer.start_run(config, run_id, timeout=120)
     watch = RunWatch()
 
     async def follow():
-        async with grpc.aio.insecure_channel(trainer_addr) as ch:
-            stub = trainer_pb2_grpc.TrainerServiceStub(ch)
-            async for update in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id=run_id,
-                                                                          from_step=1)):
+        async with TrainerClient(trainer_addr) as trainer:
+            async for update in trainer.watch_run(run_id, from_step=1):
                 if update.HasField("metrics"):
                     watch.metrics.append(update.metrics)
                 else:
@@ -256,15 +253,13 @@ async def start_run(trainer_addr: str, run_id: str, config: trainer_pb2.RunConfi
 
 
 async def get_run(trainer_addr: str, run_id: str) -> trainer_pb2.Run:
-    async with grpc.aio.insecure_channel(trainer_addr) as ch:
-        return (await trainer_pb2_grpc.TrainerServiceStub(ch).GetRun(
-            trainer_pb2.GetRunRequest(run_id=run_id), timeout=30)).run
+    async with TrainerClient(trainer_addr) as trainer:
+        return await trainer.get_run(run_id, timeout=30)
 
 
 async def stop_run(trainer_addr: str, run_id: str) -> None:
-    async with grpc.aio.insecure_channel(trainer_addr) as ch:
-        await trainer_pb2_grpc.TrainerServiceStub(ch).StopRun(
-            trainer_pb2.StopRunRequest(run_id=run_id), timeout=30)
+    async with TrainerClient(trainer_addr) as trainer:
+        await trainer.stop_run(run_id, timeout=30)
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.v1 import trainer_pb2
-from services.trainer.checkpoint import latest
+from services.trainer.ppo.checkpoint import latest
 from tests.stack.helpers import (
     UpProcess,
     alive,
