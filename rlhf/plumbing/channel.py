@@ -20,8 +20,10 @@ from rlhf.plumbing.tls import channel_credentials
 _SERVICE_CONFIG = json.dumps(
     {
         "loadBalancingConfig": [{"round_robin": {}}],
-        # Transparent retries of calls that never reached a server (replica restarting); calls
-        # that did reach one are never replayed, since Generate is not idempotent without a seed.
+        # Calls answered UNAVAILABLE (replica loading, draining or restarting) are retried, on
+        # the next replica under round_robin. Replaying them is safe because the services answer
+        # UNAVAILABLE only for a call whose work was not done (or was lost with the engine); any
+        # other answer is returned as is, since Generate is not idempotent without a seed.
         "methodConfig": [
             {
                 "name": [{}],
