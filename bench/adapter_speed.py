@@ -2,7 +2,7 @@
 speed on the same server, same workload (default 32 prompts x n=4 x 64 tokens, SmolLM2).
 Target: merged >= 0.9 (vLLM's CPU LoRA path was measured at about a quarter of base speed).
 Mode `lora-vllm-ops` is lora mode with vLLM's own CPU LoRA ops instead of the grouped ones
-(services/policy/cpu_lora.py), for the side-by-side ratio.
+(services/policy/vllm_backend/cpu_lora.py), for the side-by-side ratio.
 
     python bench/adapter_speed.py [--prompts 32 --n 4 --tokens 64 --dtype bfloat16]
 """
@@ -33,7 +33,7 @@ async def tokens_per_second(channel, prompts, n, tokens, target) -> float:
 
 
 async def measure(mode: str, adapter: Path, args) -> dict:
-    from rlhf.adapter_push import push_adapter
+    from rlhf.clients.push import push_adapter
     from rlhf.v1 import policy_pb2, policy_pb2_grpc
 
     prompts = C.chat_prompts(args.prompts)

@@ -24,7 +24,7 @@ import grpc
 
 
 async def run_mode(mode: str, adapters: list[Path], args) -> dict:
-    from rlhf.adapter_push import push_adapter
+    from rlhf.clients.push import push_adapter
     from rlhf.v1 import policy_pb2, policy_pb2_grpc
 
     server, channel = await C.start_policy(mode, args.dtype)

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from rlhf.formats import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from rlhf.plumbing.auth import bearer_metadata
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
 
 CHUNK_BYTES = 1024 * 1024
@@ -40,7 +41,8 @@ def push_requests(
 
 
 def admin_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),) if token else ()
+    """The admin token as call metadata (none without a token: an open replica)."""
+    return bearer_metadata(token) if token else ()
 
 
 async def push_adapter(

@@ -3,7 +3,8 @@
 For each call it takes the caller's `x-request-id` (or makes one), binds it to the logs, sends it
 back in the trailing metadata, turns ServiceError into its status code, hides unexpected errors
 behind INTERNAL with the request id (logging the traceback), and counts the call by method and
-final status code.
+final status code. `rebuild_handler` lets other interceptors (auth.py) swap a handler's
+behaviour the same way.
 """
 
 from __future__ import annotations
@@ -147,26 +148,28 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         def call_factory():
             return _Call(self.metrics, method, handler_call_details)
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary_response(handler.unary_unary, call_factory),
+        def wrap(behavior: Callable, streams_responses: bool) -> Callable:
+            wrapper = _wrap_stream_response if streams_responses else _wrap_unary_response
+            return wrapper(behavior, call_factory)
+
+        return rebuild_handler(handler, wrap)
+
+
+def rebuild_handler(handler: grpc.RpcMethodHandler,
+                    wrap: Callable[[Callable, bool], Callable]) -> grpc.RpcMethodHandler:
+    """The same kind of handler (unary/stream request and response) with its behaviour replaced
+    by `wrap(behaviour, streams_responses)`; serializers are kept."""
+    for kind, factory, streams in (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+    ):
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            return factory(
+                wrap(behavior, streams),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary_response(handler.stream_unary, call_factory),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream_response(handler.unary_stream, call_factory),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream_response(handler.stream_stream, call_factory),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+    raise ValueError(f"handler has no behaviour: {handler!r}")

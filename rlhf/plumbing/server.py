@@ -34,6 +34,7 @@ class ServiceApp(Protocol):
 
     #: Full names of the gRPC services it registers, e.g. ["rlhf.v1.PolicyService"].
     service_names: Sequence[str]
+    # Optional: `interceptors`, server interceptors of its own (e.g. rlhf.plumbing.auth).
 
     def register(self, server: grpc.aio.Server) -> None: ...
 
@@ -63,7 +64,8 @@ class GrpcServer:
         cfg = self.config
         metrics = RpcMetrics.for_service(cfg.service) if cfg.metrics_enabled else None
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(metrics)],
+            # The app's own (e.g. auth) run inside ours, so the RPC metrics count their refusals.
+            interceptors=[ServiceInterceptor(metrics), *getattr(self.app, "interceptors", ())],
             options=[
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),

@@ -1,22 +1,35 @@
-"""Wires the policy service: vLLM engine, adapter registry, servicer, shared server."""
+"""Wires the policy service on the shared gRPC server (rlhf.plumbing.server): the engine (vLLM
+unless one is given), the adapter registry and store, the servicer, and admin auth.
+
+Start-up enters the engine (`async with engine`) and everything opened after it on one exit
+stack, which shut-down (or a failed start-up) closes. While serving, the engine's health is
+polled; when it dies the service reports NOT_SERVING so probes restart it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
 
+from rlhf.plumbing.auth import AdminAuthInterceptor
 from rlhf.plumbing.command import service_command
 from rlhf.plumbing.errors import FailedPrecondition, Unavailable
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
-from services.policy.adapters import AdapterRegistry
+from services.policy.adapters import AdapterRegistry, make_registry
+from services.policy.adapters.checks import BaseShapes, PushLimits
+from services.policy.adapters.store import AdapterStore
 from services.policy.config import PolicyConfig
-from services.policy.push import BaseShapes
+from services.policy.engine import Engine
 from services.policy.servicer import PolicyServicer
 from services.policy.stats import EngineStats
 
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
+# The calls that change the served model: they need the admin token.
+ADMIN_METHODS = frozenset(f"/{SERVICE_NAME}/{m}" for m in ("PushAdapter", "SetActiveAdapter"))
+HEALTH_POLL_SECONDS = 1.0
 log = logging.getLogger("rlhf.policy")
 
 
@@ -56,22 +69,27 @@ class _Deferred(policy_pb2_grpc.PolicyServiceServicer):
 class PolicyApp:
     service_names = (SERVICE_NAME,)
 
-    def __init__(self, config: PolicyConfig, engine=None):
+    def __init__(self, config: PolicyConfig, engine: Engine | None = None):
         self.config = config
         self.stats = EngineStats()
         self.engine = engine
         self.servicer: PolicyServicer | None = None
         self.registry: AdapterRegistry | None = None
+        self.store: AdapterStore | None = None
         self.ready = False
         self.report_health = None  # set by GrpcServer before startup()
+        # Server interceptors the GrpcServer installs after its own.
+        self.interceptors = (
+            (AdminAuthInterceptor(config.admin_token, ADMIN_METHODS),) if config.admin_token
+            else ()
+        )
+        self._resources: contextlib.AsyncExitStack | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(_Deferred(self), server)
 
     async def startup(self) -> None:
         from transformers import AutoTokenizer
-
-        from services.policy.vllm_engine import VllmEngine
 
         cfg = self.config
         model_dir = cfg.resolved_model()
@@ -86,27 +104,48 @@ class PolicyApp:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         shapes = BaseShapes.from_model_dir(model_dir)
         if self.engine is None:
+            from services.policy.vllm_backend.engine import VllmEngine
+
             self.engine = VllmEngine(cfg, self.stats)
-        self.engine.on_dead = self._engine_died
-        await self.engine.start()
-        self.registry = AdapterRegistry(
-            cfg.adapters_dir(), self.engine, cfg.adapter_mode, cfg.keep_versions,
-            cfg.max_loaded_adapters, self.stats,
-        )
-        await self.registry.restore()
-        self.servicer = PolicyServicer(cfg, self.engine, self.registry, tokenizer, shapes,
-                                       self.stats, lambda: self.ready)
+        async with contextlib.AsyncExitStack() as stack:
+            engine = await stack.enter_async_context(self.engine)
+            registry = make_registry(cfg.adapter_mode, cfg.adapters_dir(), engine,
+                                     cfg.keep_versions, cfg.max_loaded_adapters, self.stats)
+            limits = PushLimits(base_model_id=cfg.resolved_base_model_id(),
+                                max_rank=cfg.max_lora_rank, max_bytes=cfg.max_adapter_bytes)
+            store = AdapterStore(registry, limits, shapes, self.stats)
+            store.clear_staging()
+            await registry.restore()
+            watch = asyncio.create_task(self._watch(engine))
+            stack.push_async_callback(_cancel, watch)
+            self.registry, self.store = registry, store
+            self.servicer = PolicyServicer(cfg, engine, registry, store, tokenizer, self.stats,
+                                           lambda: self.ready)
+            self._resources = stack.pop_all()  # kept open until shutdown()
         self.ready = True
 
-    def _engine_died(self) -> None:
-        if self.ready and self.report_health is not None:
-            self.ready = False
-            asyncio.ensure_future(self.report_health(False, "the vLLM engine core died"))
+    async def _watch(self, engine: Engine) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
+            try:
+                await engine.check_health()
+            except Exception as exc:  # noqa: BLE001 - any failure: this replica can't serve
+                self.ready = False
+                if self.report_health is not None:
+                    await self.report_health(False, str(exc))
+                return
 
     async def shutdown(self) -> None:
         self.ready = False
-        if self.engine is not None:
-            await self.engine.stop()
+        resources, self._resources = self._resources, None
+        if resources is not None:
+            await resources.aclose()
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 command = service_command(PolicyConfig, PolicyApp)

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from rlhf.paths import DEFAULT_MODEL_NAME
 from rlhf.plumbing.config import ServiceConfig
 from rlhf.plumbing.cpus import CpuList
 
@@ -47,7 +48,7 @@ class PolicyConfig(ServiceConfig):
     )
     cpu_lora_ops: Literal["grouped", "vllm"] = Field(
         "grouped", description="CPU build, lora mode: grouped = one matmul per adapter in the "
-        "batch (services/policy/cpu_lora.py); vllm = vLLM's own per-token ops.",
+        "batch (services/policy/vllm_backend/cpu_lora.py); vllm = vLLM's own per-token ops.",
     )
     max_lora_rank: int = Field(16, description="Largest LoRA rank accepted (a vLLM rank).")
     keep_versions: int = Field(4, ge=1, description="Adapter versions kept loaded per name.")
@@ -75,7 +76,7 @@ class PolicyConfig(ServiceConfig):
         return value
 
     def resolved_model(self) -> Path:
-        return self.model or self.data_dir / "models" / "SmolLM2-135M-Instruct"
+        return self.model or self.data_dir / "models" / DEFAULT_MODEL_NAME
 
     def resolved_base_model_id(self) -> str:
         return self.base_model_id or self.resolved_model().name

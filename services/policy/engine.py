@@ -1,7 +1,8 @@
 """The engine interface the policy servicer talks to, and the plain types it exchanges.
 
 The servicer never touches vLLM types: it hands an engine token ids, a `Sampling` and an optional
-`AdapterHandle`, and reads `EngineOutput`s back. `vllm_engine.py` implements this on AsyncLLM.
+`AdapterHandle`, and reads `EngineOutput`s back. `vllm_backend/engine.py` implements this on
+vLLM's AsyncLLM; `fake_engine.py` is a model-free stand-in for tests.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
+
+from rlhf.plumbing.errors import Unavailable
 
 
 @dataclass(frozen=True)
@@ -68,15 +71,26 @@ class EngineOutput:
     finished: bool
 
 
+class EngineDead(Unavailable):
+    """The engine can no longer serve (its core process died, or it was never started)."""
+
+
 class Engine(Protocol):
+    """A generation engine. Its lifecycle is `async with engine:` (started on entry, every
+    resource it opened closed on exit, also after an error). The attributes are valid inside."""
+
     max_model_len: int
     vocab_size: int
     dtype: str
-    name: str
+    version: str  # engine name and version, e.g. "vllm 0.32.0" (GetInfo.engine)
 
-    async def start(self) -> None: ...
+    async def __aenter__(self) -> Self: ...
 
-    async def stop(self) -> None: ...
+    async def __aexit__(self, *exc_info) -> None: ...
+
+    async def check_health(self) -> None:
+        """Returns when the engine can serve; raises EngineDead, saying why, when it cannot."""
+        ...
 
     def generate(
         self,
@@ -98,7 +112,10 @@ class Engine(Protocol):
         runs again when the last one ends."""
         ...
 
-    async def add_adapter(self, handle: AdapterHandle) -> None: ...
+    async def add_adapter(self, handle: AdapterHandle) -> None:
+        """lora mode: makes the version servable under its own name and id; raises (a
+        ServiceError saying why) when the engine refuses it."""
+        ...
 
     async def remove_adapter(self, handle: AdapterHandle) -> None: ...
 
@@ -109,4 +126,6 @@ class Engine(Protocol):
         prompt and tokens so far recomputed); no cached state of the old weights is reused."""
         ...
 
-    def pending_requests(self) -> int: ...
+    def pending_requests(self) -> int:
+        """Requests in the engine and not finished."""
+        ...

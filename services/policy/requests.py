@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rlhf.formats import ROLES
 from rlhf.plumbing.errors import InvalidArgument
 from rlhf.v1 import common_pb2, policy_pb2
 from services.policy.engine import Sampling
 
-ROLES = {"system", "user", "assistant", "tool"}
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20

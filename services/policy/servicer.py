@@ -1,30 +1,22 @@
-"""PolicyService over gRPC: validates, admits, leases an adapter version, runs the engine, and
-maps results to the contract. No vLLM types here (see engine.py)."""
+"""PolicyService over gRPC: validates a request, admits it, leases the adapter version it runs
+on, runs the engine, and maps the results to the contract. Pushes go to the AdapterStore; admin
+auth is an interceptor (app.py). No vLLM types here (see engine.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import logging
-import shutil
-import time
 import uuid
 from dataclasses import replace
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from rlhf.plumbing.errors import (
-    InvalidArgument,
-    PermissionDenied,
-    ResourceExhausted,
-    ServiceError,
-    Unauthenticated,
-)
+from rlhf.plumbing.errors import InvalidArgument
 from rlhf.plumbing.info import server_info
 from rlhf.plumbing.logs import current_request_id
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
-from services.policy import push
-from services.policy.adapters import AdapterRegistry, Kept, Lease, check_name
+from services.policy.adapters.registry import AdapterRegistry, Kept, Key, Lease, check_name
+from services.policy.adapters.store import AdapterStore
+from services.policy.admission import Admission
 from services.policy.config import PolicyConfig
 from services.policy.engine import CompletionDelta, Engine, Sampling
 from services.policy.requests import (
@@ -33,9 +25,8 @@ from services.policy.requests import (
     prompt_token_ids,
     sampling_from_proto,
 )
+from services.policy.selector import parse_selector, served_by
 from services.policy.stats import EngineStats
-
-log = logging.getLogger("rlhf.policy")
 
 FINISH = {
     "stop": policy_pb2.FINISH_REASON_STOP,
@@ -45,56 +36,6 @@ FINISH = {
 }
 
 
-class Admission:
-    """Bounded admission: sequences (prompts x n) in flight; beyond the bound, refuse at once
-    rather than queue without limit."""
-
-    def __init__(self, limit: int, stats: EngineStats):
-        self.limit = limit
-        self.pending = 0
-        self.stats = stats
-
-    def admit(self, sequences: int):
-        if self.pending + sequences > self.limit:
-            self.stats.rejected.inc()
-            raise ResourceExhausted(
-                f"policy is at its admission limit: {self.pending} sequences in flight, this call "
-                f"adds {sequences}, limit {self.limit} (max_pending_sequences); retry with backoff"
-            )
-        self.pending += sequences
-        self.stats.pending.set(self.pending)
-        return _Admitted(self, sequences)
-
-
-class _Admitted:
-    def __init__(self, admission: Admission, n: int):
-        self.admission, self.n = admission, n
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.admission.pending -= self.n
-        self.admission.stats.pending.set(self.admission.pending)
-
-
-def served_by(key: tuple[str, int] | None) -> policy_pb2.ServedBy:
-    if key is None:
-        return policy_pb2.ServedBy(base=True)
-    return policy_pb2.ServedBy(adapter=policy_pb2.AdapterRef(name=key[0], version=key[1]))
-
-
-def _selector(sel: policy_pb2.AdapterSelector) -> tuple[str, tuple[str, int] | None]:
-    if sel.target == policy_pb2.ADAPTER_TARGET_BASE:
-        return "base", None
-    if sel.target == policy_pb2.ADAPTER_TARGET_PINNED:
-        check_name(sel.pinned.name)
-        if sel.pinned.version < 1:
-            raise InvalidArgument("adapter.pinned.version must be >= 1")
-        return "pinned", (sel.pinned.name, sel.pinned.version)
-    return "active", None
-
-
 def _top(delta: CompletionDelta) -> list[policy_pb2.TopLogprobs]:
     return [
         policy_pb2.TopLogprobs(token_ids=[t for t, _ in step], logprobs=[lp for _, lp in step])
@@ -102,7 +43,7 @@ def _top(delta: CompletionDelta) -> list[policy_pb2.TopLogprobs]:
     ]
 
 
-def adapter_info(kept: Kept, active: tuple[str, int] | None) -> policy_pb2.AdapterInfo:
+def adapter_info(kept: Kept, active: Key | None) -> policy_pb2.AdapterInfo:
     ts = Timestamp()
     ts.FromNanoseconds(int(kept.loaded_at * 1e9))
     return policy_pb2.AdapterInfo(
@@ -115,20 +56,15 @@ def adapter_info(kept: Kept, active: tuple[str, int] | None) -> policy_pb2.Adapt
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def __init__(self, config: PolicyConfig, engine: Engine, registry: AdapterRegistry,
-                 tokenizer, shapes: push.BaseShapes, stats: EngineStats, is_ready):
+                 store: AdapterStore, tokenizer, stats: EngineStats, is_ready):
         self.config = config
         self.engine = engine
         self.registry = registry
+        self.store = store
         self.tokenizer = tokenizer
-        self.shapes = shapes
         self.stats = stats
         self.is_ready = is_ready
         self.admission = Admission(config.max_pending_sequences, stats)
-        self.push_limits = push.Limits(
-            base_model_id=config.resolved_base_model_id(),
-            max_rank=config.max_lora_rank,
-            max_bytes=config.max_adapter_bytes,
-        )
 
     @property
     def limits(self) -> Limits:
@@ -138,26 +74,6 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             max_n=cfg.max_n, max_prompts=cfg.max_prompts_per_request,
             default_max_tokens=cfg.default_max_tokens,
         )
-
-    # ------------------------------------------------------------------ auth
-
-    def _check_admin(self, context) -> None:
-        token = self.config.admin_token
-        if not token:
-            return  # open (warned about at start-up)
-        given = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and value.startswith("Bearer "):
-                given = value[len("Bearer "):]
-            elif key == "x-admin-token":
-                given = value
-        if given is None:
-            raise Unauthenticated(
-                "this call changes the served model: send the admin token as "
-                "'authorization: Bearer <token>' metadata"
-            )
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise PermissionDenied("the admin token is wrong")
 
     # ------------------------------------------------------------------ generation
 
@@ -192,11 +108,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 f"{self.config.max_prompts_per_request} per call"
             )
         sampling, prepared = self._prepare(request.prompts, request.params)
-        target, pinned = _selector(request.adapter)
+        target = parse_selector(request.adapter)
         rid = current_request_id()
         tag = uuid.uuid4().hex[:8]
         with self.admission.admit(len(prepared) * sampling.n):
-            async with self.registry.lease(target, pinned, len(prepared)) as lease:
+            async with self.registry.lease(target.kind, target.pinned, len(prepared)) as lease:
                 self.stats.prompt_tokens.inc(sum(len(ids) for ids, _ in prepared))
                 try:
                     async with asyncio.TaskGroup() as tg:
@@ -233,11 +149,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         if not request.HasField("prompt"):
             raise InvalidArgument("prompt is empty: set text, token_ids or chat")
         sampling, [(ids, s)] = self._prepare([request.prompt], request.params, single=True)
-        target, pinned = _selector(request.adapter)
+        target = parse_selector(request.adapter)
         rid = f"{current_request_id()}-{uuid.uuid4().hex[:8]}"
         generated = 0
         with self.admission.admit(sampling.n):
-            async with self.registry.lease(target, pinned) as lease:
+            async with self.registry.lease(target.kind, target.pinned) as lease:
                 self.stats.prompt_tokens.inc(len(ids))
                 yield policy_pb2.GenerateStreamResponse(
                     served_by=served_by(lease.served), prompt_token_ids=ids
@@ -263,68 +179,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     # ------------------------------------------------------------------ adapters
 
     async def PushAdapter(self, request_iterator, context):
-        try:
-            response = await self._push(request_iterator, context)
-        except ServiceError as exc:
-            if not isinstance(exc, (Unauthenticated, PermissionDenied)):
-                self.stats.adapter_loads.labels("refused").inc()
-            raise
-        except Exception:
-            self.stats.adapter_loads.labels("failed").inc()
-            raise
-        self.stats.adapter_loads.labels("ok").inc()
-        self.stats.adapter_load_seconds.observe(response.load_seconds)
-        return response
-
-    async def _push(self, request_iterator, context):
-        self._check_admin(context)
-        stream = request_iterator.__aiter__()
-        try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            raise InvalidArgument("empty push: send the header first, then data") from None
-        if first.WhichOneof("part") != "header":
-            raise InvalidArgument("the first message of a push must be the header")
-        header = first.header
-        peft = push.check_header(header, self.push_limits, self.shapes)
-        name = header.adapter.name
-        async with self.registry.name_lock(name):
-            version = header.adapter.version or self.registry.next_version(name)
-            same = self.registry.check_new_version(name, version, header.sha256)
-            if same is not None:  # idempotent re-push: nothing to store
-                activated = False
-                if not header.skip_activate and self.registry.active != same.key:
-                    await self.registry.set_active(same.key)
-                    activated = True
-                return policy_pb2.PushAdapterResponse(
-                    adapter=adapter_info(same, self.registry.active), activated=activated
-                )
-            staged, size = await push.receive(header, stream, self.registry.incoming_dir())
-            self.stats.pushed_bytes.inc(size)
-            try:
-                push.check_weights(staged, self.shapes, self.config.max_lora_rank)
-                meta = {
-                    "name": name, "version": version, "sha256": header.sha256,
-                    "size_bytes": size, "rank": peft["r"],
-                    "target_modules": sorted(peft["target_modules"])
-                    if isinstance(peft["target_modules"], list) else [peft["target_modules"]],
-                    "base_model_id": header.base_model_id, "loaded_at": time.time(),
-                }
-                kept, seconds = await self.registry.install(
-                    staged, meta, activate=not header.skip_activate
-                )
-            except BaseException:
-                shutil.rmtree(staged, ignore_errors=True)
-                raise
-        log.info("adapter %s@v%d loaded in %.3fs%s", name, version, seconds,
-                 "" if header.skip_activate else " and active")
+        pushed = await self.store.push(request_iterator)
         return policy_pb2.PushAdapterResponse(
-            adapter=adapter_info(kept, self.registry.active),
-            activated=not header.skip_activate, load_seconds=seconds,
+            adapter=adapter_info(pushed.kept, self.registry.active),
+            activated=pushed.activated, load_seconds=pushed.load_seconds,
         )
 
     async def SetActiveAdapter(self, request, context):
-        self._check_admin(context)
         key = None
         if not request.base:
             check_name(request.adapter.name)
@@ -345,8 +206,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     async def GetInfo(self, request, context):
         cfg = self.config
+        try:
+            await self.engine.check_health()
+            healthy = True
+        except Exception:  # noqa: BLE001 - reported as not ready; the app's watch logs why
+            healthy = False
         return policy_pb2.PolicyServiceGetInfoResponse(
-            server=server_info("policy", self.is_ready()),
+            server=server_info("policy", self.is_ready() and healthy),
             base_model_id=cfg.resolved_base_model_id(),
             max_model_len=self.engine.max_model_len,
             max_n=cfg.max_n,
@@ -357,7 +223,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             adapter_mode=(policy_pb2.ADAPTER_MODE_MERGED if cfg.adapter_mode == "merged"
                           else policy_pb2.ADAPTER_MODE_LORA),
             active=served_by(self.registry.active),
-            engine=f"{self.engine.name} {getattr(self.engine, 'version', '')}".strip(),
+            engine=self.engine.version,
             dtype=self.engine.dtype,
             default_max_tokens=cfg.default_max_tokens,
         )

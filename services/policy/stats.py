@@ -1,5 +1,6 @@
 """Policy metrics: what is measured (plain counters the servicer and engine update) turned into
-Prometheus series `rlhf_policy_*`. Labels stay bounded: method/code from the interceptor, adapter
+Prometheus series `rlhf_policy_*` (vLLM's scheduler figures come in through
+vllm_backend/stat_logger.py). Labels stay bounded: method/code from the interceptor, adapter
 name (a handful per deployment) and result."""
 
 from __future__ import annotations
@@ -40,22 +41,3 @@ class EngineStats:
             "rlhf_policy_loaded_adapters", "Adapter versions loaded in the engine"
         )
 
-
-def make_stat_logger_factory(stats: EngineStats):
-    """A vLLM stat logger that copies scheduler figures into our gauges."""
-    from vllm.v1.metrics.loggers import StatLoggerBase
-
-    class _Logger(StatLoggerBase):
-        def __init__(self, vllm_config, engine_index: int = 0):
-            pass
-
-        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
-            if scheduler_stats is not None:
-                stats.running.set(scheduler_stats.num_running_reqs)
-                stats.waiting.set(scheduler_stats.num_waiting_reqs)
-                stats.kv_cache_usage.set(scheduler_stats.kv_cache_usage)
-
-        def log_engine_initialized(self):
-            pass
-
-    return _Logger

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-from pathlib import Path
 
 import grpc
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from rlhf.adapter_push import push_adapter, push_requests
+from rlhf.clients.push import push_adapter, push_requests
 from rlhf.v1 import policy_pb2
 from tests.fixtures.policy_helpers import (
     ADMIN,
@@ -27,6 +23,7 @@ from tests.fixtures.policy_helpers import (
     stub,
     version_of,
 )
+from tests.policy.helpers import BAD_PUSHES, bad_pushes
 
 pytestmark = pytest.mark.vllm
 
@@ -93,8 +90,8 @@ async def test_a_request_sent_while_a_push_loads_is_served_by_the_new_version(
     monkeypatch.setattr(engine, "add_adapter", held_add)
     monkeypatch.setattr(engine.llm, "resume_generation", resume)
     # The cap on waiting for the held request is a time; a slow machine must not trip it here
-    # (test_policy_registry.py tests the cap).
-    monkeypatch.setattr("services.policy.adapters.HOLD_SEND_SECONDS", 30.0)
+    # (test_registry.py tests the cap).
+    monkeypatch.setattr("services.policy.adapters.lora.HOLD_SEND_SECONDS", 30.0)
     push = asyncio.create_task(_push(policy, tiny_adapters[1], "hold", 2))
     await adding.wait()
     assert await engine.llm.is_paused()
@@ -130,12 +127,12 @@ async def test_mixed_batch_gives_each_request_its_own_weights(policy, tiny_adapt
 
 
 async def test_the_engine_runs_the_grouped_cpu_lora_ops(policy):
-    """The equivalence tests in this file run through services/policy/cpu_lora.py: the engine
-    process swapped them in at start (cpu_lora_ops = grouped, the default), and counts slot
-    writes (so the hot-swap tests check that a reused slot is rebuilt)."""
+    """The equivalence tests in this file run through services/policy/vllm_backend/cpu_lora.py:
+    the engine process swapped them in at start (cpu_lora_ops = grouped, the default), and counts
+    slot writes (so the hot-swap tests check that a reused slot is rebuilt)."""
     import cloudpickle
 
-    from services.policy import cpu_lora
+    from services.policy.vllm_backend import cpu_lora
 
     [names] = await policy.app.engine.llm.collective_rpc(cloudpickle.dumps(cpu_lora.installed))
     assert set(names) == {*cpu_lora._OPS, "PunicaWrapperCPU.update_metadata",
@@ -237,92 +234,14 @@ async def test_admin_token_guards_model_changes(policy, tiny_adapters):
         assert err.value.code() == code
     listed = await s.ListAdapters(policy_pb2.ListAdaptersRequest(name="auth"))
     assert not listed.adapters
-    # The x-admin-token form works too.
+    # The one accepted form is the authorization header; an x-admin-token header is not read.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.PushAdapter(push_requests(tiny_adapters[0], "auth", 1, "tiny"),
+                            metadata=(("x-admin-token", ADMIN),), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     resp = await s.PushAdapter(push_requests(tiny_adapters[0], "auth", 1, "tiny"),
-                               metadata=(("x-admin-token", ADMIN),), timeout=30)
+                               metadata=AUTH, timeout=30)
     assert resp.adapter.adapter.name == "auth"
-
-
-def _header_and_data(folder: Path, **overrides):
-    msgs = list(push_requests(folder, overrides.pop("name", "bad"), 1, "tiny", chunk_bytes=4096))
-    header = msgs[0].header
-    for key, value in overrides.items():
-        setattr(header, key, value)
-    return msgs
-
-
-def _bad_tensors(tmp: Path, folder: Path) -> Path:
-    out = tmp / "shapes"
-    out.mkdir()
-    (out / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
-    save_file({
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 100),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(256, 8),
-    }, str(out / "adapter_model.safetensors"))
-    return out
-
-
-def _with_config(tmp: Path, folder: Path, **changes) -> Path:
-    out = tmp / ("cfg-" + "-".join(changes))
-    out.mkdir()
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    cfg.update(changes)
-    (out / "adapter_config.json").write_text(json.dumps(cfg))
-    (out / "adapter_model.safetensors").write_bytes(
-        (folder / "adapter_model.safetensors").read_bytes())
-    return out
-
-
-def _bad_pushes(folder: Path, tmp: Path):
-    good = _header_and_data(folder)
-    data = b"".join(m.data for m in good[1:])
-    truncated = good[:-1]
-    return {
-        "hash mismatch": (_header_and_data(folder, sha256="0" * 64),
-                          grpc.StatusCode.INVALID_ARGUMENT, "sha256 mismatch"),
-        "truncated stream": (truncated, grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
-        "more bytes than announced": (
-            good + [policy_pb2.PushAdapterRequest(data=b"x")],
-            grpc.StatusCode.INVALID_ARGUMENT, "more than the"),
-        "wrong base": (_header_and_data(folder, base_model_id="llama-70b"),
-                       grpc.StatusCode.FAILED_PRECONDITION, "trained on base model 'llama-70b'"),
-        "too large": (_header_and_data(folder, size_bytes=10**12),
-                      grpc.StatusCode.INVALID_ARGUMENT, "at most"),
-        "wrong shapes": (_header_and_data(_bad_tensors(tmp, folder)),
-                         grpc.StatusCode.INVALID_ARGUMENT, "takes 256 inputs"),
-        "rank too big": (_header_and_data(_with_config(tmp, folder, r=32)),
-                         grpc.StatusCode.INVALID_ARGUMENT, "exceeds this replica's max_lora_rank"),
-        "unknown module": (
-            _header_and_data(_with_config(tmp, folder, target_modules=["q_proj", "wizard"])),
-            grpc.StatusCode.INVALID_ARGUMENT, "['wizard'] do not exist"),
-        "not safetensors": (
-            [policy_pb2.PushAdapterRequest(header=policy_pb2.AdapterHeader(
-                adapter=policy_pb2.AdapterRef(name="bad", version=1),
-                sha256=hashlib.sha256(b"junk" * 100).hexdigest(), size_bytes=400,
-                base_model_id="tiny", peft_config_json=good[0].header.peft_config_json)),
-             policy_pb2.PushAdapterRequest(data=b"junk" * 100)],
-            grpc.StatusCode.INVALID_ARGUMENT, "not a valid safetensors"),
-        "path traversal name": (_header_and_data(folder, name="../../escape"),
-                                grpc.StatusCode.INVALID_ARGUMENT, "is invalid"),
-        "dot name": (_header_and_data(folder, name=".hidden"),
-                     grpc.StatusCode.INVALID_ARGUMENT, "is invalid"),
-        "empty stream": ([], grpc.StatusCode.INVALID_ARGUMENT, "send the header first"),
-        "data first": ([policy_pb2.PushAdapterRequest(data=data[:10])],
-                       grpc.StatusCode.INVALID_ARGUMENT, "must be the header"),
-        "two headers": ([good[0], good[0]], grpc.StatusCode.INVALID_ARGUMENT,
-                        "only the first message"),
-        "bad peft json": (_header_and_data(folder, peft_config_json="{nope"),
-                          grpc.StatusCode.INVALID_ARGUMENT, "not JSON"),
-        "bad sha format": (_header_and_data(folder, sha256="xyz"),
-                           grpc.StatusCode.INVALID_ARGUMENT, "64 lower-case hex"),
-    }
-
-
-BAD_PUSHES = [
-    "hash mismatch", "truncated stream", "more bytes than announced", "wrong base", "too large",
-    "wrong shapes", "rank too big", "unknown module", "not safetensors", "path traversal name",
-    "dot name", "empty stream", "data first", "two headers", "bad peft json", "bad sha format",
-]
 
 
 @pytest.mark.parametrize("case", BAD_PUSHES)
@@ -331,7 +250,7 @@ async def test_bad_push_is_refused_and_the_active_version_keeps_serving(
 ):
     await _push(policy, tiny_adapters[3], "steady", 0)
     before = await _gen(policy)
-    messages, code, text = _bad_pushes(tiny_adapters[0], tmp_path)[case]
+    messages, code, text = bad_pushes(tiny_adapters[0], tmp_path)[case]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub(policy.channel).PushAdapter(iter(messages), metadata=AUTH, timeout=30)
     assert err.value.code() == code, err.value.details()

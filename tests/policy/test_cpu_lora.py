@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 torch_ops = pytest.importorskip("vllm.lora.ops.torch_ops")
 
-from services.policy import cpu_lora  # noqa: E402
+from services.policy.vllm_backend import cpu_lora  # noqa: E402
 
 SLOTS, RANK, HIDDEN, OUT = 5, 8, 48, 40
 

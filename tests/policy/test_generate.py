@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from rlhf.v1 import common_pb2, policy_pb2
+from rlhf.v1 import policy_pb2
 from tests.fixtures.policy_helpers import (
     base,
     greedy,
@@ -21,6 +21,7 @@ from tests.fixtures.policy_helpers import (
     stub,
     text_prompt,
 )
+from tests.policy.helpers import bad_requests, chat
 
 pytestmark = pytest.mark.vllm
 
@@ -30,15 +31,9 @@ def policy(policy_lora):
     return policy_lora
 
 
-def _chat(*turns, cont=False) -> common_pb2.Prompt:
-    msgs = [common_pb2.ChatMessage(role=r, content=c) for r, c in turns]
-    return common_pb2.Prompt(chat=common_pb2.ChatConversation(messages=msgs,
-                                                              continue_final_message=cont))
-
-
 async def test_batch_with_n_gives_counts_shapes_and_usage(policy):
     req = policy_pb2.GenerateRequest(
-        prompts=[text_prompt("the cat"), ids_prompt([5, 6, 7, 8]), _chat(("user", "hi there"))],
+        prompts=[text_prompt("the cat"), ids_prompt([5, 6, 7, 8]), chat(("user", "hi there"))],
         params=policy_pb2.SamplingParams(n=3, max_tokens=6, logprobs=True, top_logprobs=2,
                                          ignore_eos=True, seed=3),
         adapter=base(),
@@ -101,7 +96,7 @@ async def test_logprobs_match_hf_teacher_forcing(policy):
 async def test_greedy_equals_hf_and_chat_uses_the_template(policy):
     tok = AutoTokenizer.from_pretrained(policy.model_dir)
     resp = await stub(policy.channel).Generate(policy_pb2.GenerateRequest(
-        prompts=[_chat(("system", "be brief"), ("user", "what is a cat?"))],
+        prompts=[chat(("system", "be brief"), ("user", "what is a cat?"))],
         params=greedy(12), adapter=base(),
     ), timeout=60)
     result = resp.results[0]
@@ -210,64 +205,9 @@ async def test_admission_bound_refuses_with_the_limit(policy, monkeypatch):
     assert policy.app.servicer.admission.pending == 0
 
 
-def _bad_requests(max_len: int):
-    P = policy_pb2.SamplingParams
-    ok = [text_prompt("hi")]
-    long_ids = ids_prompt([5] * max_len)
-    return {
-        "no prompts": (policy_pb2.GenerateRequest(params=P(max_tokens=2)), "prompts is empty"),
-        "empty prompt": (policy_pb2.GenerateRequest(prompts=[common_pb2.Prompt()]),
-                         "prompts[0] is empty"),
-        "empty text": (policy_pb2.GenerateRequest(prompts=[text_prompt("hi"), text_prompt("")]),
-                       "prompts[1].text is empty"),
-        "n zero": (policy_pb2.GenerateRequest(prompts=ok, params=P(n=0)), "n must be >= 1"),
-        "n too big": (policy_pb2.GenerateRequest(prompts=ok, params=P(n=17)), "at most 16"),
-        "max_tokens zero": (policy_pb2.GenerateRequest(prompts=ok, params=P(max_tokens=0)),
-                            "max_tokens must be >= 1"),
-        "max_tokens beyond context": (
-            policy_pb2.GenerateRequest(prompts=ok, params=P(max_tokens=max_len)),
-            "context is 512"),
-        "prompt too long": (policy_pb2.GenerateRequest(prompts=[long_ids]), "512 tokens"),
-        "token id out of range": (policy_pb2.GenerateRequest(prompts=[ids_prompt([1, 99999])]),
-                                  "outside the vocabulary"),
-        "bad role": (policy_pb2.GenerateRequest(prompts=[_chat(("wizard", "hi"))]),
-                     "role is 'wizard'"),
-        "empty chat": (policy_pb2.GenerateRequest(prompts=[common_pb2.Prompt(
-            chat=common_pb2.ChatConversation())]), "has no messages"),
-        "empty user turn": (policy_pb2.GenerateRequest(prompts=[_chat(("user", ""))]),
-                            "content is empty"),
-        "continue without assistant": (
-            policy_pb2.GenerateRequest(prompts=[_chat(("user", "hi"), cont=True)]),
-            "assistant message last"),
-        "empty stop": (policy_pb2.GenerateRequest(prompts=ok, params=P(stop=[""])),
-                       "stop[0] is empty"),
-        "too many stops": (policy_pb2.GenerateRequest(prompts=ok, params=P(stop=["a"] * 17)),
-                           "at most 16"),
-        "long stop": (policy_pb2.GenerateRequest(prompts=ok, params=P(stop=["a" * 300])),
-                      "longer than 256"),
-        "negative temperature": (policy_pb2.GenerateRequest(prompts=ok,
-                                                            params=P(temperature=-1)),
-                                 "temperature"),
-        "top_p zero": (policy_pb2.GenerateRequest(prompts=ok, params=P(top_p=0)), "top_p"),
-        "too many top logprobs": (policy_pb2.GenerateRequest(prompts=ok,
-                                                             params=P(top_logprobs=21)),
-                                  "top_logprobs"),
-        "unknown adapter": (policy_pb2.GenerateRequest(
-            prompts=ok, adapter=policy_pb2.AdapterSelector(
-                target=policy_pb2.ADAPTER_TARGET_PINNED,
-                pinned=policy_pb2.AdapterRef(name="nobody", version=1))),
-            "no adapter named 'nobody'"),
-        "bad adapter name": (policy_pb2.GenerateRequest(
-            prompts=ok, adapter=policy_pb2.AdapterSelector(
-                target=policy_pb2.ADAPTER_TARGET_PINNED,
-                pinned=policy_pb2.AdapterRef(name="../etc", version=1))),
-            "adapter name '../etc' is invalid"),
-    }
-
-
-@pytest.mark.parametrize("case", list(_bad_requests(512)))
+@pytest.mark.parametrize("case", list(bad_requests(512)))
 async def test_bad_input_is_invalid_argument_or_not_found(policy, case):
-    request, message = _bad_requests(512)[case]
+    request, message = bad_requests(512)[case]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub(policy.channel).Generate(request, timeout=30)
     expected = grpc.StatusCode.NOT_FOUND if "no adapter" in message else (

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from services.policy.merge import merge_into, merged
+from services.policy.vllm_backend.merge import merge_into, merged
 
 
 def _factors(out_features: int, in_features: int, rank: int = 16, seed: int = 0):

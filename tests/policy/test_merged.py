@@ -10,9 +10,9 @@ import cloudpickle
 import grpc
 import pytest
 
-from rlhf.adapter_push import push_adapter
+from rlhf.clients.push import push_adapter
 from rlhf.v1 import policy_pb2
-from services.policy.merge import reload_merged
+from services.policy.vllm_backend.merge import reload_merged
 from tests.fixtures.policy_helpers import (
     ADMIN,
     base,

@@ -1,18 +1,20 @@
-"""AdapterRegistry book-keeping (unit level, a recording engine stands in for vLLM): versions in
-use are unloaded only after their last request, room is made least-recently-loaded first,
-pushes of one name are serialised. The real-engine behaviour is in test_policy_adapters.py."""
+"""lora-mode registry book-keeping (unit level, a recording engine stands in for vLLM): versions
+in use are unloaded only after their last request, room is made least-recently-loaded first,
+pushes of one name are serialised. The real-engine behaviour is in test_adapters.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import uuid
 
 import pytest
 
 from rlhf.plumbing.errors import NotFound, ResourceExhausted
-from services.policy.adapters import AdapterRegistry
+from services.policy.adapters.checks import BaseShapes, PushLimits
+from services.policy.adapters.lora import LoraAdapters
+from services.policy.adapters.registry import META_FILE
+from services.policy.adapters.store import AdapterStore
 from services.policy.stats import EngineStats
 
 
@@ -38,11 +40,13 @@ class RecordingEngine:
             self.events.append("resume")
 
 
-def _stage(registry: AdapterRegistry, tag: str):
-    folder = registry.incoming_dir() / f"{tag}-{uuid.uuid4().hex}"
-    folder.mkdir()
+def _stage(registry: LoraAdapters, meta: dict):
+    """A version's folder as the store installs it."""
+    folder = registry.dir_for(meta["name"], meta["version"])
+    folder.mkdir(parents=True)
     (folder / "adapter_model.safetensors").write_bytes(b"x")
     (folder / "adapter_config.json").write_text("{}")
+    (folder / META_FILE).write_text(json.dumps(meta))
     return folder
 
 
@@ -52,15 +56,17 @@ def _meta(name, version):
 
 
 async def _install(registry, name, version, activate=True):
-    async with registry.name_lock(name):
-        return await registry.install(_stage(registry, f"{name}{version}"), _meta(name, version),
-                                      activate)
+    meta = _meta(name, version)
+    return await registry.add(meta, _stage(registry, meta), activate)
+
+
+def _lora(root, engine):
+    return LoraAdapters(root, engine, keep_versions=2, stats=EngineStats(), max_loaded=4)
 
 
 @pytest.fixture
 def registry(tmp_path):
-    return AdapterRegistry(tmp_path / "adapters", RecordingEngine(), "lora", keep_versions=2,
-                           max_loaded=4, stats=EngineStats())
+    return _lora(tmp_path / "adapters", RecordingEngine())
 
 
 async def test_version_in_use_is_unloaded_only_after_its_last_request(registry):
@@ -98,7 +104,7 @@ async def test_state_survives_a_new_registry(registry, tmp_path):
     await registry.set_active(("p", 1))
     state = json.loads((registry.root / "state.json").read_text())
     assert state["active"] == {"name": "p", "version": 1}
-    again = AdapterRegistry(registry.root, RecordingEngine(), "lora", 2, 4, EngineStats())
+    again = _lora(registry.root, RecordingEngine())
     await again.restore()
     assert again.active == ("p", 1)
     assert again.engine.loaded == {"p@v1", "p@v2"}
@@ -106,13 +112,14 @@ async def test_state_survives_a_new_registry(registry, tmp_path):
 
 
 async def test_pushes_of_one_name_are_serialised(registry):
+    store = AdapterStore(registry, PushLimits("tiny", 16, 1024), BaseShapes({}), EngineStats())
     order = []
 
     async def push(version):
-        async with registry.name_lock("p"):
+        async with store.name_lock("p"):
             order.append(("start", version))
             await asyncio.sleep(0.05)
-            await registry.install(_stage(registry, f"p{version}"), _meta("p", version), True)
+            await _install(registry, "p", version)
             order.append(("end", version))
 
     await asyncio.gather(push(1), push(2))
@@ -138,8 +145,7 @@ class GatedEngine(RecordingEngine):
 
 @pytest.fixture
 def gated(tmp_path):
-    return AdapterRegistry(tmp_path / "adapters", GatedEngine(), "lora", keep_versions=2,
-                           max_loaded=4, stats=EngineStats())
+    return _lora(tmp_path / "adapters", GatedEngine())
 
 
 async def _push_v2_held_in_the_engine(gated, activate=True, fail=False):
@@ -228,7 +234,7 @@ async def test_a_request_that_waited_and_ends_unsubmitted_does_not_keep_the_engi
 
 
 async def test_a_push_waits_only_so_long_for_a_slow_request(gated, monkeypatch):
-    monkeypatch.setattr("services.policy.adapters.HOLD_SEND_SECONDS", 0.05)
+    monkeypatch.setattr("services.policy.adapters.lora.HOLD_SEND_SECONDS", 0.05)
     push, follower = await _push_v2_held_in_the_engine(gated)
     gated.engine.gate.set()
     lease = await asyncio.wait_for(follower, 1)

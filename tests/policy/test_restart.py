@@ -10,11 +10,11 @@ import grpc
 import psutil
 import pytest
 
-from rlhf.adapter_push import push_adapter
+from rlhf.clients.push import push_adapter
 from rlhf.v1 import policy_pb2
-from tests.fixtures.ports import free_port
 from tests.fixtures.grpc_helpers import read_until, start_process
 from tests.fixtures.policy_helpers import ADMIN, AUTH, generate_greedy, hf_greedy, stub, version_of
+from tests.fixtures.ports import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 PROMPT = [20, 21, 22, 23, 24]

@@ -1,24 +1,22 @@
-"""Receiving a pushed adapter: the header is checked before any byte is stored, the bytes are
-streamed to a staging folder under the data dir with a running hash and a size bound, and the
-result is checked against the base model (rank, target modules, tensor shapes) before the
-registry may load it."""
+"""The checks a pushed adapter must pass, against this replica's limits and its base model: the
+header before any byte is stored (name, sha256 format, size, base model id, peft config: LoRA,
+rank, target modules), the received weights before the registry may load them (every tensor a
+LoRA A/B pair that fits a base module). Each refusal says what is wrong."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.formats import ADAPTER_WEIGHTS_FILE
 from rlhf.plumbing.errors import FailedPrecondition, InvalidArgument
 from rlhf.v1 import policy_pb2
-from services.policy.adapters import CONFIG_FILE, WEIGHTS_FILE, check_name
+from services.policy.adapters.registry import check_name
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_CHUNK = 4 * 1024 * 1024
+LORA_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
 
 @dataclass(frozen=True)
@@ -48,14 +46,15 @@ class BaseShapes:
         return {path.rsplit(".", 1)[-1] for path in self.shapes}
 
 
-@dataclass
-class Limits:
+@dataclass(frozen=True)
+class PushLimits:
     base_model_id: str
     max_rank: int
     max_bytes: int
 
 
-def check_header(header: policy_pb2.AdapterHeader, limits: Limits, shapes: BaseShapes) -> dict:
+def check_header(header: policy_pb2.AdapterHeader, limits: PushLimits,
+                 shapes: BaseShapes) -> dict:
     """Returns the parsed peft config; raises with the reason the push is refused."""
     check_name(header.adapter.name)
     if not SHA_RE.match(header.sha256):
@@ -106,48 +105,12 @@ def check_header(header: policy_pb2.AdapterHeader, limits: Limits, shapes: BaseS
     return peft
 
 
-async def receive(first: policy_pb2.AdapterHeader, chunks, staging_root: Path) -> tuple[Path, int]:
-    """Streams data chunks into a new staging folder; returns (folder, bytes). The caller checks
-    the hash. On any error the folder is removed."""
-    folder = staging_root / uuid.uuid4().hex
-    folder.mkdir(parents=True)
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        with open(folder / WEIGHTS_FILE, "wb") as out:
-            async for msg in chunks:
-                if msg.WhichOneof("part") != "data":
-                    raise InvalidArgument("only the first message may be a header; then data")
-                if len(msg.data) > MAX_CHUNK:
-                    raise InvalidArgument(f"a data chunk is larger than {MAX_CHUNK} bytes")
-                size += len(msg.data)
-                if size > first.size_bytes:
-                    raise InvalidArgument(
-                        f"received more than the {first.size_bytes} bytes the header announced"
-                    )
-                digest.update(msg.data)
-                out.write(msg.data)
-        if size < first.size_bytes:
-            raise InvalidArgument(
-                f"stream ended after {size} of {first.size_bytes} bytes (truncated upload)"
-            )
-        if digest.hexdigest() != first.sha256:
-            raise InvalidArgument(
-                f"sha256 mismatch: header says {first.sha256}, data hashes to {digest.hexdigest()}"
-            )
-        (folder / CONFIG_FILE).write_text(first.peft_config_json)
-        return folder, size
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-
-
 def check_weights(folder: Path, shapes: BaseShapes, max_rank: int) -> None:
     """Every LoRA tensor must fit a base module: A is (r, in), B is (out, r)."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
+        with safe_open(str(folder / ADAPTER_WEIGHTS_FILE), framework="pt") as f:
             keys = list(f.keys())
             tensor_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
     except (SafetensorError, OSError, ValueError) as exc:
@@ -155,7 +118,7 @@ def check_weights(folder: Path, shapes: BaseShapes, max_rank: int) -> None:
     if not keys:
         raise InvalidArgument("adapter weights file holds no tensors")
     for key, shape in tensor_shapes.items():
-        m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        m = LORA_KEY_RE.match(key)
         if m is None:
             raise InvalidArgument(f"adapter tensor {key!r} is not a LoRA A/B weight")
         module, which = m.group(1), m.group(2)

@@ -12,7 +12,7 @@ same products, no per-token copies. Two levels:
   slices of a layer, with the token grouping computed once per step.
 
 They also fix what vLLM's ops do with slot -1 ("no adapter"): indexing with -1 picks the last
-slot, so base-model tokens got the last slot's adapter whenever every slot was in use (the
+slot, so base-model tokens get the last slot's adapter whenever every slot is in use (the
 mixed-batch bug in DESIGN.md). Here slot -1 contributes nothing.
 
 Same dtype rules as vLLM's ops, so results match them to float rounding; calls whose shapes

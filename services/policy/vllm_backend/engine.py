@@ -1,4 +1,8 @@
-"""The Engine on vLLM's AsyncLLM, in the same process as the gRPC server (DESIGN.md decision 1)."""
+"""The Engine on vLLM's AsyncLLM, in the same process as the gRPC server (DESIGN.md decision 1).
+
+`async with VllmEngine(config, stats):` starts AsyncLLM (and, in lora mode on CPU, swaps in the
+grouped LoRA ops) and shuts it down on the way out, whatever happened inside.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from rlhf.plumbing.cpus import parse_cpu_list, pin_process
-from rlhf.plumbing.errors import InvalidArgument, Unavailable
+from rlhf.plumbing.errors import InvalidArgument
 from services.policy.config import PolicyConfig
-from services.policy.engine import AdapterHandle, CompletionDelta, EngineOutput, Sampling
+from services.policy.engine import (
+    AdapterHandle,
+    CompletionDelta,
+    EngineDead,
+    EngineOutput,
+    Sampling,
+)
 from services.policy.stats import EngineStats
 
 log = logging.getLogger("rlhf.policy.engine")
@@ -37,8 +47,6 @@ def _engine_env(config: PolicyConfig) -> None:
 
 
 class VllmEngine:
-    name = "vllm"
-
     def __init__(self, config: PolicyConfig, stats: EngineStats):
         self.config = config
         self.stats = stats
@@ -46,18 +54,17 @@ class VllmEngine:
         self.max_model_len = config.max_model_len
         self.vocab_size = 0
         self.dtype = config.dtype
+        self.version = "vllm"
         self._merged_lock = asyncio.Lock()
         self._pauses = 0  # paused() blocks open
-        # Called once the engine core is gone, so health turns NOT_SERVING and the pod restarts.
-        self.on_dead = None
 
-    async def start(self) -> None:
+    async def __aenter__(self) -> VllmEngine:
         _engine_env(self.config)
         import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from services.policy.stats import make_stat_logger_factory
+        from services.policy.vllm_backend.stat_logger import make_stat_logger_factory
 
         cfg = self.config
         lora = cfg.adapter_mode == "lora"
@@ -89,23 +96,36 @@ class VllmEngine:
         self.llm = AsyncLLM.from_engine_args(
             args, stat_loggers=[make_stat_logger_factory(self.stats)]
         )
-        if lora and cfg.cpu_lora_ops == "grouped":
-            import cloudpickle
+        try:
+            if lora and cfg.cpu_lora_ops == "grouped":
+                import cloudpickle
 
-            from services.policy import cpu_lora
+                from services.policy.vllm_backend import cpu_lora
 
-            # Before the first request; a no-op off CPU (vLLM's own kernels run there).
-            await self.llm.collective_rpc(cloudpickle.dumps(cpu_lora.install))
-        self.vocab_size = self.llm.model_config.get_vocab_size()
-        self.max_model_len = self.llm.model_config.max_model_len
-        self.version = vllm.__version__
-        log.info("vLLM %s engine up: %s (%s, context %d)", self.version,
-                 cfg.resolved_model(), cfg.dtype, self.max_model_len)
+                # Before the first request; a no-op off CPU (vLLM's own kernels run there).
+                await self.llm.collective_rpc(cloudpickle.dumps(cpu_lora.install))
+            self.vocab_size = self.llm.model_config.get_vocab_size()
+            self.max_model_len = self.llm.model_config.max_model_len
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        self.version = f"vllm {vllm.__version__}"
+        log.info("%s engine up: %s (%s, context %d)", self.version, cfg.resolved_model(),
+                 cfg.dtype, self.max_model_len)
+        return self
 
-    async def stop(self) -> None:
-        if self.llm is not None:
-            self.llm.shutdown()
-            self.llm = None
+    async def __aexit__(self, *exc_info) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
+
+    async def check_health(self) -> None:
+        if self.llm is None:
+            raise EngineDead("the vLLM engine is not running")
+        try:
+            await self.llm.check_health()
+        except Exception as exc:  # noqa: BLE001 - any failure here means it cannot serve
+            raise EngineDead(f"the vLLM engine core died: {exc}") from exc
 
     def pending_requests(self) -> int:
         return self.llm.get_num_unfinished_requests() if self.llm is not None else 0
@@ -150,7 +170,7 @@ class VllmEngine:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self.llm is None:
-            raise Unavailable("the engine is not running")
+            raise EngineDead("the vLLM engine is not running")
         lora = None
         if adapter is not None:
             lora = LoRARequest(adapter.engine_name, adapter.engine_id, str(adapter.path))
@@ -183,9 +203,7 @@ class VllmEngine:
                 await self.llm.abort(queue.request_id, internal=True)
             raise
         except EngineDeadError as exc:
-            if self.on_dead is not None:
-                self.on_dead()
-            raise Unavailable(f"the generation engine died: {exc}") from exc
+            raise EngineDead(f"the vLLM engine core died: {exc}") from exc
         except ValueError as exc:  # vLLM's own request validation
             raise InvalidArgument(str(exc)) from exc
         except Exception:
@@ -229,7 +247,7 @@ class VllmEngine:
     async def load_merged(self, weights_dir: Path | None) -> None:
         import cloudpickle
 
-        from services.policy.merge import reload_merged
+        from services.policy.vllm_backend.merge import reload_merged
 
         # The registry has already drained the requests pinned to the old version.
         async with self._merged_lock, self.paused():
@@ -237,7 +255,7 @@ class VllmEngine:
             adapter = str(weights_dir) if weights_dir is not None else None
             # The engine core runs in its own process and its RPC encoder takes no
             # functions; vLLM accepts a cloudpickled callable (by reference: the core
-            # imports services.policy.merge). Only paths go across, never tensors.
+            # imports services.policy.vllm_backend.merge). Only paths go across, never tensors.
             await self.llm.collective_rpc(
                 cloudpickle.dumps(reload_merged),
                 kwargs={"base_dir": base, "adapter_dir": adapter},
@@ -246,6 +264,7 @@ class VllmEngine:
             # preempts them and recomputes their prompt and tokens so far, and no cached
             # prefix of the old weights survives.
             await self.llm.reset_prefix_cache(reset_running_requests=True)
+
 
 def _delta(c, want_lp: bool, sampling: Sampling) -> CompletionDelta:
     token_ids = list(c.token_ids)

@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from pathlib import Path
+
+from rlhf.formats import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from services.policy.adapters.checks import LORA_KEY_RE
 
 log = logging.getLogger("rlhf.policy.merge")
 
@@ -27,12 +29,12 @@ def lora_factors(adapter_dir: Path) -> dict[str, tuple[object, object, float]]:
     """Module path -> (B, A, scale) as float32, so that delta W = scale * B @ A."""
     from safetensors.torch import load_file
 
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    cfg = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text())
+    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS_FILE))
     alpha = cfg.get("lora_alpha", cfg["r"])
     pairs: dict[str, dict[str, object]] = {}
     for key, value in tensors.items():
-        m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        m = LORA_KEY_RE.match(key)
         if m:
             pairs.setdefault(m.group(1), {})[m.group(2)] = value.float()
     factors = {}
@@ -137,7 +139,7 @@ def _swap_in_place(inner, model, targets: dict[str, list[str]], base: dict[str, 
             return False
         plan.append((name, layer, shards, expected))
     # Each layer's new weight is built in a buffer kept from the previous merge: fresh memory
-    # costs a page fault per 4 KiB, which took as long as the merge itself (20 ms of 40 here).
+    # faults a page in per 4 KiB, which costs as much as the merge itself (20 ms of 40 here).
     scratch: dict[str, object] = inner.__dict__.setdefault("_rlhf_merge_buffers", {})
     staged = []
     for name, layer, shards, shape in plan:
@@ -184,7 +186,7 @@ def reload_merged(worker, base_dir: str, adapter_dir: str | None,
     targets = _fused_targets(model, set(lora) | previous)
     # Fused layers are rewritten whole, so their untouched shards are needed too (base values).
     shards = {s for group in targets.values() for s in group}
-    # On GPU hosts the merge stays on the CPU as before, in float32 (their CPUs may lack bf16
+    # On GPU hosts the merge runs on the CPU in float32 (their CPUs may lack bf16
     # instructions); it is rounded on the copy into the layer.
     dtype = runner.model_config.dtype if current_platform.is_cpu() else torch.float32
     base = _base_weights(inner, base_dir, shards, dtype)
