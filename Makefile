@@ -8,8 +8,9 @@ PYTEST_ARGS ?=
 setup:
 	bash scripts/setup.sh
 
+# The 20 slowest tests are listed at the end, so a test that grows slow shows in CI's output.
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 # Skips tests that start vLLM or convert the default model.
 test-fast:

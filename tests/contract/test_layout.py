@@ -1,4 +1,6 @@
-"""The architecture's boundaries: services never import each other; plumbing has no domain code."""
+"""The architecture's boundaries (DESIGN.md): services never import each other; they share only
+the generated protobuf code, the plumbing and the contract helpers; plumbing and the contract
+helpers hold no service code."""
 
 from __future__ import annotations
 
@@ -9,6 +11,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = ["services.policy", "services.reward", "services.trainer", "gateway"]
+# What a service may import from the `rlhf` package: the wire contract, the plumbing and the
+# contract helpers. The CLI, the stack and the model tools sit above the services.
+SHARED = ("rlhf.v1", "rlhf.plumbing", "rlhf.clients", "rlhf.formats", "rlhf.paths", "rlhf.files")
+CONTRACT_HELPERS = ["rlhf/plumbing", "rlhf/clients", "rlhf/formats.py", "rlhf/paths.py",
+                    "rlhf/files.py"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -17,26 +24,47 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
     return names
+
+
+def _files(rel: str) -> list[Path]:
+    path = ROOT / rel
+    return [path] if path.suffix == ".py" else sorted(path.rglob("*.py"))
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 @pytest.mark.parametrize("part", PARTS)
 def test_services_do_not_import_each_other(part):
-    folder = ROOT / part.replace(".", "/")
     others = [p for p in PARTS if p != part]
-    files = list(folder.rglob("*.py"))
+    files = _files(part.replace(".", "/"))
     assert files
     for path in files:
         for name in _imports(path):
-            assert not any(name == o or name.startswith(o + ".") for o in others), (
-                f"{path.relative_to(ROOT)} imports {name}"
-            )
+            assert not any(_under(name, o) for o in others), (
+                f"{path.relative_to(ROOT)} imports {name}")
 
 
-def test_plumbing_imports_no_service_or_model_code():
-    for path in (ROOT / "rlhf" / "plumbing").rglob("*.py"):
+@pytest.mark.parametrize("part", PARTS)
+def test_services_share_only_contract_plumbing_and_helpers(part):
+    for path in _files(part.replace(".", "/")):
         for name in _imports(path):
-            assert not name.startswith(("services", "gateway", "torch", "vllm", "transformers")), (
-                f"{path.relative_to(ROOT)} imports {name}"
-            )
+            if not _under(name, "rlhf") or name in ("rlhf", "rlhf.__version__"):
+                continue
+            assert any(_under(name, s) for s in SHARED), (
+                f"{path.relative_to(ROOT)} imports {name}: a service may use only "
+                f"{', '.join(SHARED)} from rlhf/")
+
+
+@pytest.mark.parametrize("rel", CONTRACT_HELPERS)
+def test_shared_code_imports_no_service_or_model_code(rel):
+    files = _files(rel)
+    assert files, rel
+    for path in files:
+        for name in _imports(path):
+            assert not any(_under(name, banned) for banned in (
+                "services", "gateway", "torch", "vllm", "transformers", "rlhf.stack", "rlhf.cli",
+                "rlhf.models")), f"{path.relative_to(ROOT)} imports {name}"
