@@ -42,10 +42,10 @@ def split_cores(spec: str) -> tuple[str, str]:
 
 
 async def run_learner(args, policy_addr, reward_addr, prompts, out: Path, staleness: int):
-    from services.trainer.learner import Learner
-    from services.trainer.settings import RunSettings
+    from services.trainer.ppo.learner import Learner
+    from services.trainer.ppo.settings import PPOSettings
 
-    settings = RunSettings.load(
+    settings = PPOSettings.load(
         None, model=C.default_model(), prompts=prompts, out=out, policy_addr=[policy_addr],
         reward_addr=[reward_addr], steps=args.steps, prompts_per_step=args.prompts_per_step,
         samples_per_prompt=args.samples, max_new_tokens=args.tokens, max_staleness=staleness,
@@ -84,7 +84,7 @@ async def main(args) -> None:
         await reward.shutdown()
         await policy.shutdown()
     on_rows = results[0][1]
-    phases = {p: sum(r[f"{p}_seconds"] for r in on_rows) / len(on_rows)
+    phases = {p: sum(r[f"time/{p}"] for r in on_rows) / len(on_rows)
               for p in ("generate", "score", "train", "push")}
     per_step = {s: results[s][0] / args.steps for s in results}
     ratio = per_step[1] / per_step[0]

@@ -1,56 +1,40 @@
-"""Reading the trainer's JSONL data (DESIGN.md decision 9): PPO prompts and SFT examples.
+"""Reading the trainer's JSONL data (DESIGN.md decision 9), for every stage.
 
 One JSON object per line; blank lines are allowed. Nothing is skipped silently: every bad line is
 reported as `file:line: reason`, all of them are collected, and one `DataError` lists them (the
-first MAX_LISTED_ERRORS in its message, all in `.errors`).
+first MAX_LISTED_ERRORS in its message, all in `.errors`). A reader given an `errors` list
+appends to it instead and returns the good records (`rlhf train rm --skip-bad-lines`).
 
     PPO prompts   {"prompt": str}  or  {"messages": [{"role", "content"}, ...]}  (not ending
                   with an assistant turn: the policy writes that one)
     SFT examples  {"prompt": str, "response": str}  or  {"text": str}  or
                   {"messages": [...]} whose last turn is the assistant's (the one trained on)
+    RM examples   preferences {"prompt" | "instruction", "chosen", "rejected"}  or
+                  ratings {"prompt" | "instruction", "response", "rating"}; one kind per file
 
-Other keys on a line are allowed and ignored by SFT; a prompt keeps them in `meta` (a reward
-function may want a reference answer, say).
+Other keys on a line are allowed and ignored by SFT and RM; a prompt keeps them in `meta` (a
+reward function may want a reference answer, say).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Enough to see the pattern of a broken file without flooding a terminal.
-MAX_LISTED_ERRORS = 20
+from rlhf.formats import ROLES
+from services.trainer.errors import MAX_LISTED_ERRORS, DataError
 
 Message = dict[str, str]
-# The roles the policy service accepts in a chat prompt; anything else fails there, later.
-ROLES = ("system", "user", "assistant", "tool")
-
-
-class DataError(ValueError):
-    """Bad data file: `.errors` holds every problem as `file:line: reason` (or `file: reason`)."""
-
-    def __init__(self, errors: list[str]):
-        self.errors = list(errors)
-        shown = self.errors[:MAX_LISTED_ERRORS]
-        if len(self.errors) == 1:
-            message = self.errors[0]
-        else:
-            message = f"{len(self.errors)} problems in the data:\n" + "\n".join(
-                f"  {e}" for e in shown
-            )
-            if len(self.errors) > len(shown):
-                message += f"\n  ... and {len(self.errors) - len(shown)} more"
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
 class PromptRecord:
     """One PPO prompt: plain text or chat messages (exactly one of the two is set)."""
 
-    source: str  # "file:line", for messages about this record later on
     prompt: str | None = None
     messages: tuple[Message, ...] | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # the line's other keys
@@ -77,6 +61,24 @@ class SFTRecord:
         if self.messages is not None:
             return "messages"
         return "prompt_response"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference: `chosen` is the better answer to `prompt`."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class Rated:
+    """One rated answer (any real scale; `rlhf train rm` bins it)."""
+
+    prompt: str
+    response: str
+    rating: float
 
 
 class _BadLine(Exception):
@@ -132,8 +134,26 @@ def read_sft(path: str | Path) -> list[SFTRecord]:
     return _read(path, _sft_record)
 
 
-def _read(path, parse) -> list:
-    errors: list[str] = []
+def read_rm(path: str | Path, errors: list[str] | None = None) -> list[Pair] | list[Rated]:
+    """All examples of a reward-model file: preference pairs or ratings, one kind per file (the
+    first good line decides). DataError lists every bad line, unless `errors` collects them."""
+    kinds: list[type] = []  # the file's kind, once a line has set it
+
+    def parse(obj: dict, where: str) -> Pair | Rated:
+        record = _rm_record(obj)
+        if not kinds:
+            kinds.append(type(record))
+        elif type(record) is not kinds[0]:
+            raise _BadLine(f"a {_rm_kind(type(record))} line in a file of "
+                           f"{_rm_kind(kinds[0])} lines")
+        return record
+
+    return _read(path, parse, errors)
+
+
+def _read(path, parse: Callable[[dict, str], Any], errors: list[str] | None = None) -> list:
+    collect = errors is not None
+    errors = [] if errors is None else errors
     records = []
     for line_no, obj in iter_jsonl(path, errors):
         where = f"{path}:{line_no}"
@@ -141,9 +161,9 @@ def _read(path, parse) -> list:
             records.append(parse(obj, where))
         except _BadLine as exc:
             errors.append(f"{where}: {exc}")
-    if errors:
+    if errors and not collect:
         raise DataError(errors)
-    if not records:
+    if not records and not errors:
         raise DataError([f"{path}: no records (the file is empty)"])
     return records
 
@@ -154,13 +174,13 @@ def _prompt_record(obj: dict, where: str) -> PromptRecord:
         raise _BadLine('give "prompt" or "messages", not both')
     meta = {k: v for k, v in obj.items() if k not in ("prompt", "messages")}
     if has_prompt:
-        return PromptRecord(source=where, prompt=_string(obj, "prompt"), meta=meta)
+        return PromptRecord(prompt=_string(obj, "prompt"), meta=meta)
     if has_messages:
         messages = _messages(obj["messages"])
         if messages[-1]["role"] == "assistant":
             raise _BadLine('"messages" ends with an assistant turn; a prompt ends before the '
                            "turn the policy writes")
-        return PromptRecord(source=where, messages=messages, meta=meta)
+        return PromptRecord(messages=messages, meta=meta)
     raise _BadLine(f'needs "prompt" (a string) or "messages" (an array){_found(obj)}')
 
 
@@ -190,6 +210,45 @@ def _sft_record(obj: dict, where: str) -> SFTRecord:
             raise _BadLine(f'has "{key}" but no "{other}"')
     return SFTRecord(source=where, prompt=_string(obj, "prompt"),
                      response=_string(obj, "response"))
+
+
+def _rm_record(obj: dict) -> Pair | Rated:
+    if "chosen" in obj or "rejected" in obj:
+        pair = Pair(_rm_prompt(obj), _required(obj, "chosen"), _required(obj, "rejected"))
+        if pair.chosen == pair.rejected:
+            raise _BadLine('"chosen" and "rejected" are the same text: no preference to learn')
+        return pair
+    if "rating" in obj:
+        rating = obj["rating"]
+        if isinstance(rating, bool) or not isinstance(rating, int | float):
+            raise _BadLine(f'"rating" must be a number, got {_json_type(rating)}')
+        if not math.isfinite(rating):
+            raise _BadLine('"rating" is not finite')
+        return Rated(_rm_prompt(obj), _required(obj, "response"), float(rating))
+    raise _BadLine("neither a preference line (prompt, chosen, rejected) nor a rating line "
+                   f"(prompt, response, rating){_found(obj)}")
+
+
+def _rm_prompt(obj: dict) -> str:
+    """The prompt under "prompt" or "instruction"; it may be empty (an answer on its own)."""
+    if "prompt" in obj and "instruction" in obj:
+        raise _BadLine('has both "prompt" and "instruction"; keep one')
+    key = "prompt" if "prompt" in obj else "instruction"
+    if key not in obj:
+        raise _BadLine('has no "prompt" (or "instruction")')
+    if not isinstance(obj[key], str):
+        raise _BadLine(f'"{key}" must be a string, got {_json_type(obj[key])}')
+    return obj[key]
+
+
+def _rm_kind(kind: type) -> str:
+    return "preference" if kind is Pair else "rating"
+
+
+def _required(obj: dict, key: str) -> str:
+    if key not in obj:
+        raise _BadLine(f'has no "{key}"')
+    return _string(obj, key)
 
 
 def _string(obj: dict, key: str) -> str:
@@ -246,12 +305,29 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
+def write_jsonl(path: Path, rows) -> None:
+    """Rows (dataclasses or dicts) as a JSONL file, written atomically."""
+    from dataclasses import asdict
+
+    from rlhf.files import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, "".join(
+        json.dumps(row if isinstance(row, dict) else asdict(row), ensure_ascii=False) + "\n"
+        for row in rows))
+
+
 __all__ = [
     "DataError",
     "MAX_LISTED_ERRORS",
+    "Pair",
     "PromptRecord",
+    "Rated",
     "SFTRecord",
     "iter_jsonl",
     "read_prompts",
+    "read_rm",
     "read_sft",
+    "write_jsonl",
 ]

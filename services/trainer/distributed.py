@@ -3,12 +3,13 @@ group on CPU with gloo): who does what, and the few collectives the stages use.
 
     torchrun --nproc-per-node 2 -m rlhf.cli train ppo --config run.yaml
 
-Every rank holds the same model and optimizer and sees the same global batch; each computes the
-forward/backward passes of its share of the rows (`World.shard`), weighting its loss by its share
-of the batch's loss denominator (tokens or items), so that the SUM of the ranks' gradients is the
-one-process gradient of the whole batch. Gradients are summed with one all-reduce over a flat
-buffer of the trainable parameters (`all_reduce_grads`), then every rank clips and steps the
-same way and the weights stay equal, as under DistributedDataParallel.
+Every rank holds the same model and optimizer and sees the same global batch. `World.backward` is
+the one data-parallel backward pass of every stage: each rank computes the forward/backward of
+its share of a batch's rows, weighting its loss by its share of the batch's loss denominator
+(tokens or items), so that the SUM of the ranks' gradients is the one-process gradient of the
+whole batch; the gradients are then summed with one all-reduce over a flat buffer of the
+trainable parameters, every rank clips and steps the same way and the weights stay equal, as
+under DistributedDataParallel.
 
 Why not wrap the model in DDP: the learner runs two peft adapters on one base (policy, critic),
 several forward passes per optimizer step (policy logprobs, then values), and a rank may own no
@@ -17,13 +18,13 @@ backward per step from every rank and a fixed set of used parameters. The traina
 only the LoRA matrices and small heads, so one explicit all-reduce is as cheap and exact.
 
 Without torchrun (no WORLD_SIZE in the environment) `world()` is a single process and every
-helper returns its input: a plain run does exactly what it did before.
+helper computes on the whole batch and returns its input unchanged.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -51,12 +52,6 @@ class World:
         """The rows of an n-row global batch this rank computes: rank, rank + size, ... (sizes
         differ by at most one; a rank may get none when n < size)."""
         return list(range(self.rank, n, self.size))
-
-    def own(self, rows: torch.Tensor) -> torch.Tensor:
-        """The entries of `rows` (global row indices) that this rank owns, in their order."""
-        if self.size == 1:
-            return rows
-        return rows[rows % self.size == self.rank]
 
     # ------------------------------------------------------------------ collectives
 
@@ -107,6 +102,32 @@ class World:
             had_any = bool(flat[flat.numel() - len(params) + i] > 0)
             p.grad = flat[offset: offset + n].view_as(p).clone() if had_any else None
             offset += n
+
+    def backward(self, params: Sequence[torch.nn.Parameter], n: int,
+                 weight: Callable[[list[int]], float],
+                 step: Callable[[list[int], float], dict[str, float]],
+                 figures: Sequence[str] = ()) -> tuple[float, dict[str, float]]:
+        """One data-parallel backward pass over an n-row global batch.
+
+        `weight(rows)` is the rows' part of the loss denominator (their target tokens, or their
+        number); `step(rows, scale)` runs the forward and backward passes of `rows` (this rank's
+        share, `shard(n)`) with its mean loss multiplied by `scale` = its share of the batch's
+        weight, and returns the `figures` named, as means over those rows. The gradients are then
+        summed over the ranks. Returns (the batch's weight, each figure: every rank's value times
+        its share, summed over the ranks), the same on every rank: the gradients and figures of
+        one process on the whole batch. A batch of weight 0 computes nothing."""
+        total = float(weight(list(range(n))))
+        if total == 0:
+            return 0.0, dict.fromkeys(figures, 0.0)
+        mine = self.shard(n)
+        share = float(weight(mine)) / total if mine else 0.0
+        local = step(mine, share) if share > 0 else dict.fromkeys(figures, 0.0)
+        if self.size == 1:
+            return total, {k: local[k] for k in figures}
+        self.all_reduce_grads(params)
+        parts = torch.tensor([local[k] * share for k in figures], dtype=torch.float64,
+                             device=params[0].device if params else None)
+        return total, dict(zip(figures, self.sum_(parts).tolist(), strict=True))
 
     def broadcast_params(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Rank 0's values of `params` on every rank (DDP does this when it wraps a model): the

@@ -1,4 +1,5 @@
-"""The math of RLHF with PPO, GRPO and RLOO as small pure torch functions (issue #5).
+"""The math of RLHF as small pure torch functions: PPO, GRPO and RLOO (KL, advantages, losses)
+and the reward model's losses and figures (Bradley-Terry pairs, binned ratings).
 
 Only torch is imported, so this module and its tests load without vLLM, gRPC or transformers.
 Names follow the papers and cleanrl's `ppo.py` (`delta`, `lastgaelam`, `pg_loss1/2`, `clipfrac`,
@@ -279,26 +280,6 @@ def gae(
     return advantages, returns
 
 
-def gae_reference(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The textbook GAE loop, one sequence and one step at a time in Python floats; `gae` is
-    tested against it. Same arguments and results as `gae`. (Schulman et al. 2016, eq. 16)"""
-    B, T = rewards.shape
-    advantages = torch.zeros(B, T, dtype=torch.float64)
-    for b in range(B):
-        n = int(mask[b].sum().item())  # valid tokens come first
-        lastgaelam = 0.0
-        for t in reversed(range(n)):
-            next_value = float(values[b, t + 1]) if t + 1 < n else 0.0
-            delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
-            lastgaelam = delta + gamma * lam * lastgaelam
-            advantages[b, t] = lastgaelam
-    valid = mask.to(torch.float64)
-    returns = (advantages + values.to(torch.float64)) * valid
-    return advantages.to(values.dtype), returns.to(values.dtype)
-
-
 def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D, got shape {list(scores.shape)}")
@@ -424,6 +405,43 @@ def clipped_value_loss(
 
 
 # ---------------------------------------------------------------------------------------------
+# The reward model
+# ---------------------------------------------------------------------------------------------
+
+
+def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry: -log P(chosen > rejected) = -log sigmoid(r_c - r_r), averaged. [B], [B] ->
+    scalar.
+    Source: Ouyang et al. 2022 (InstructGPT) eq. 1; TRL `RewardTrainer`.
+    """
+    return -torch.nn.functional.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def expected_rating(logits: torch.Tensor, bins: torch.Tensor | None) -> torch.Tensor:
+    """[B, K] -> [B]: the logit itself for K = 1, else sum_k softmax_k * bin value_k (the reward
+    of a model trained on binned ratings; PaLM-rlhf-pytorch's `num_binned_output`)."""
+    if logits.shape[-1] == 1:
+        return logits[:, 0]
+    return logits.softmax(-1) @ bins
+
+
+def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
+    """Share of pairs where chosen scores strictly higher (a tie counts as wrong)."""
+    return float((r_chosen > r_rejected).float().mean())
+
+
+def concordance(pred: torch.Tensor, ratings: torch.Tensor) -> float:
+    """Pairwise accuracy for ratings: over all pairs with different ratings, the share whose
+    predicted rewards are ordered the same way. [N], [N] -> float (NaN if all ratings tie)."""
+    diff_true = ratings[:, None] - ratings[None, :]
+    diff_pred = pred[:, None] - pred[None, :]
+    mask = diff_true > 0
+    if not bool(mask.any()):
+        return float("nan")
+    return float((diff_pred[mask] > 0).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------
 # From logits
 # ---------------------------------------------------------------------------------------------
 
@@ -464,10 +482,12 @@ __all__ = [
     "FixedKLController",
     "KL_KINDS",
     "approx_kl",
+    "bt_loss",
     "clipped_value_loss",
+    "concordance",
     "entropy_from_logits",
+    "expected_rating",
     "gae",
-    "gae_reference",
     "group_advantages",
     "kl_k1",
     "kl_k2",
@@ -477,6 +497,7 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "pairwise_accuracy",
     "ppo_policy_loss",
     "rloo_advantages",
 ]

@@ -326,7 +326,7 @@ def test_configmaps_load_with_the_service_config(built, overlay, service, tmp_pa
         assert config.policy_addr == ["dns:///policy:50051"]
         assert config.reward_addr == ["dns:///reward:50052"]
     if service == "trainer":
-        from services.trainer.jsonl import read_prompts
+        from services.trainer.data import read_prompts
 
         prompts = config.prompts.relative_to(mount)
         assert len(read_prompts(tmp_path / prompts)) >= 8

@@ -11,7 +11,7 @@ import pytest
 from rlhf.plumbing.config import ConfigError
 from rlhf.plumbing.cpus import parse_cpu_list
 from services.policy.config import PolicyConfig
-from services.trainer.settings import RunSettings
+from services.trainer.ppo.settings import PPOSettings
 
 
 def test_cpulist_format():
@@ -31,11 +31,11 @@ def test_bad_cpulists_are_refused_with_the_reason(text, says):
 
 def test_services_check_their_cpu_cores_at_load():
     assert PolicyConfig.load(cpu_cores="0-1").cpu_cores == "0-1"
-    assert RunSettings.load(None, cpu_cores="1").cpu_cores == "1"
+    assert PPOSettings.load(None, cpu_cores="1").cpu_cores == "1"
     with pytest.raises(ConfigError, match="cpu_cores"):
         PolicyConfig.load(cpu_cores="0-x")
     with pytest.raises(ConfigError, match="cpu_cores"):
-        RunSettings.load(None, cpu_cores="2-1")
+        PPOSettings.load(None, cpu_cores="2-1")
 
 
 def test_pinning_moves_every_thread(tmp_path):

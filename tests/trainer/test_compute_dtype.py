@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from services.trainer.actor_critic import ActorCritic, make_batch
+from services.trainer.ppo.actor_critic import ActorCritic, make_batch
 
 
 def _model(tiny_model_dir, dtype: str) -> ActorCritic:

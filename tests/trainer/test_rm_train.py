@@ -12,17 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhf.formats import rm_default_format
 from services.reward.items import Item
 from services.reward.rm import RewardModel
-from services.trainer import rm_train
-from services.trainer.rm_train import (
-    bin_index,
-    bt_loss,
-    concordance,
-    expected_rating,
-    pairwise_accuracy,
-    rating_bins,
-)
+from services.trainer.errors import TrainError
+from services.trainer.rm import model as rm_model
+from services.trainer.rm.data import bin_index, rating_bins
 from tests.fixtures.reward_helpers import history, synthetic_ratings, train_rm, write_jsonl
 
 
@@ -42,37 +37,14 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-# ---- math by hand ------------------------------------------------------------------------------
+# ---- bins ---------------------------------------------------------------------------------------
 
 
-def test_bt_loss_matches_hand_computation():
-    rc = torch.tensor([2.0, 0.5, -1.0])
-    rr = torch.tensor([1.0, 1.5, -1.0])
-    # -log sigmoid(d) = log(1 + e^-d) for d = 1, -1, 0
-    hand = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1)) + math.log(2)) / 3
-    assert float(bt_loss(rc, rr)) == pytest.approx(hand, rel=1e-6)
-    # The gradient pushes chosen up and rejected down by sigmoid(-d) / n.
-    rc.requires_grad_(True)
-    bt_loss(rc, rr).backward()
-    expect = [-1 / (1 + math.exp(d)) / 3 for d in (1.0, -1.0, 0.0)]
-    assert rc.grad.tolist() == pytest.approx(expect, rel=1e-6)
-    assert pairwise_accuracy(rc.detach(), rr) == pytest.approx(1 / 3)
-
-
-def test_expected_rating_concordance_and_bins_by_hand():
-    logits = torch.tensor([[0.0, 0.0, 0.0], [math.log(3.0), 0.0, 0.0]])
-    bins = torch.tensor([1.0, 2.0, 3.0])
-    # uniform -> 2; probabilities (3/5, 1/5, 1/5) -> 3/5 + 2/5 + 3/5 = 1.6
-    assert expected_rating(logits, bins).tolist() == pytest.approx([2.0, 1.6])
-    assert expected_rating(torch.tensor([[0.7], [-2.0]]), None).tolist() == pytest.approx(
-        [0.7, -2.0])
-    # ratings 1 < 2 < 3; predictions order (a, b) right, (a, c) right, (b, c) wrong -> 2/3
-    assert concordance(torch.tensor([0.0, 2.0, 1.0]), torch.tensor([1.0, 2.0, 3.0])) == (
-        pytest.approx(2 / 3))
+def test_rating_bins_by_hand():
     assert rating_bins([1, 5, 3], None) == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert rating_bins([0.0, 0.5, 1.0], 3) == [0.0, 0.5, 1.0]
     assert bin_index(0.8, [0.0, 0.5, 1.0]) == 2
-    with pytest.raises(rm_train.TrainError, match="--bins"):
+    with pytest.raises(TrainError, match="--bins"):
         rating_bins([0.1, 0.7], None)
 
 
@@ -97,15 +69,14 @@ def test_trainer_and_service_read_text_the_same(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from services.reward import rm_text
-    from services.trainer.rm_train import minilm_dir
 
     prompts = ["What is 2 + 2?", "Tell me a story about a very long road " * 20]
     responses = ["It is 4.", "Once upon a time " * 30]
     items = [Item(r, prompt=p) for p, r in zip(prompts, responses, strict=True)]
-    for folder, fmt in [(tiny_model_dir, "chat"), (minilm_dir(), "pair")]:
+    for folder, fmt in [(tiny_model_dir, "chat"), (rm_model.minilm_dir(), "pair")]:
         tok = AutoTokenizer.from_pretrained(str(folder))
-        assert rm_train.default_format(tok) == rm_text.default_format(tok) == fmt
-        a = rm_train.encode(tok, fmt, prompts, responses, 64)
+        assert rm_default_format(tok) == rm_text.default_format(tok) == fmt
+        a = rm_model.encode(tok, fmt, prompts, responses, 64)
         b = rm_text.encode(tok, fmt, items, 64)
         assert a.keys() == b.keys()
         for key in a:
@@ -136,10 +107,10 @@ def test_bad_jsonl_lines_are_reported_with_file_and_line(tmp_path, tiny_model_di
                       expect_ok=False)
     assert result.exit_code == 1
     text = result.output
-    for lineno, why in [(2, "not valid JSON"), (3, "expected a JSON object"),
-                        (4, "'chosen' and 'rejected' are the same text"), (5, "'chosen' is empty"),
+    for lineno, why in [(2, "not JSON"), (3, "expected a JSON object"),
+                        (4, '"chosen" and "rejected" are the same text'), (5, '"chosen" is empty'),
                         (8, "a rating line in a file of preference lines"),
-                        (9, "has no 'prompt'"), (10, "neither a preference line")]:
+                        (9, 'has no "prompt"'), (10, "neither a preference line")]:
         assert f"{data}:{lineno}: {why}" in text, text
     for fine in (1, 6, 7):
         assert f"{data}:{fine}:" not in text
@@ -147,7 +118,7 @@ def test_bad_jsonl_lines_are_reported_with_file_and_line(tmp_path, tiny_model_di
 
     result = train_rm(data, out, "--model", str(tiny_model_dir), "--val-fraction", "0",
                       "--skip-bad-lines", "--backbone", "frozen")
-    assert f"skipped {data}:2: not valid JSON" in result.output
+    assert f"skipped {data}:2: not JSON" in result.output
     assert "2 training / 0 validation preference pairs" in result.output
     assert (out / "rlhf_reward.json").exists()
 
@@ -155,7 +126,7 @@ def test_bad_jsonl_lines_are_reported_with_file_and_line(tmp_path, tiny_model_di
 def test_missing_files_and_backbones_are_clear_errors(tmp_path, tiny_model_dir):
     result = train_rm(tmp_path / "absent.jsonl", tmp_path / "o", "--model", str(tiny_model_dir),
                       expect_ok=False)
-    assert result.exit_code == 1 and "absent.jsonl: no such file" in result.output
+    assert result.exit_code == 1 and "absent.jsonl: cannot read" in result.output
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
     result = train_rm(data, tmp_path / "o", "--model", str(tmp_path / "nomodel"),
                       expect_ok=False)

@@ -20,10 +20,10 @@ from rlhf.plumbing.server import GrpcServer
 from rlhf.v1 import policy_pb2, policy_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from services.reward.app import RewardApp
 from services.reward.config import RewardConfig
-from services.trainer.learner import Hooks, Learner
-from services.trainer.settings import RunSettings
-from tests.fixtures.ports import free_port
+from services.trainer.ppo.learner import Hooks, Learner
+from services.trainer.ppo.settings import PPOSettings
 from tests.fixtures.policy_helpers import ADMIN
+from tests.fixtures.ports import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -54,14 +54,14 @@ async def reward_server():
     await server.shutdown()
 
 
-def settings(policy, reward_addr, prompts_file, out: Path, **kw) -> RunSettings:
+def settings(policy, reward_addr, prompts_file, out: Path, **kw) -> PPOSettings:
     base = dict(model=policy.model_dir, prompts=prompts_file, out=out,
                 policy_addr=[policy.addr], reward_addr=[reward_addr], admin_token=ADMIN,
                 steps=4, prompts_per_step=6, samples_per_prompt=4, max_new_tokens=10,
                 learning_rate=3e-3, kl_coef=0.0, lam=1.0, seed=1, adapter_name=out.name,
                 retry_max_seconds=120)
     base.update(kw)
-    return RunSettings.load(None, **base)
+    return PPOSettings.load(None, **base)
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -78,16 +78,16 @@ async def test_reward_rises(policy_lora, reward_server, prompts_file, tmp_path, 
     await Learner(run).run()
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
-    first = sum(r["reward_mean"] for r in rows[:5]) / 5
-    last = sum(r["reward_mean"] for r in rows[-5:]) / 5
-    mismatch = max(r["logprob_mismatch"] for r in rows)
+    first = sum(r["reward/mean"] for r in rows[:5]) / 5
+    last = sum(r["reward/mean"] for r in rows[-5:]) / 5
+    mismatch = max(r["policy/logprob_mismatch"] for r in rows)
     print(f"{algo} {dtype}: reward first 5 steps {first:.3f}, last 5 steps {last:.3f}, "
           f"logprob mismatch <= {mismatch:.2e}")
     assert last > first + 0.1, (first, last)
     # vLLM's logprobs (LoRA on, fp32) agree with the trainer's recomputation; bfloat16 matmuls
     # round the trainer's side (measured 6e-3 on the tiny model).
     assert mismatch < (1e-3 if dtype == "float32" else 5e-2)
-    versions = [r["adapter_version"] for r in rows]
+    versions = [r["adapter/version"] for r in rows]
     assert versions == sorted(versions) and len(set(versions)) == steps
     # The policy serves the last version produced.
     async with grpc.aio.insecure_channel(policy_lora.addr) as ch:
@@ -130,7 +130,7 @@ async def test_kill_9_then_resume_loses_no_step(policy_lora, reward_server, prom
     assert f"resuming {out}" in output.decode()
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # none lost, none done twice
-    versions = [r["adapter_version"] for r in rows]
+    versions = [r["adapter/version"] for r in rows]
     assert versions == list(range(versions[0], versions[0] + 6))
     assert done_before >= 2
 

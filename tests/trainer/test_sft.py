@@ -1,4 +1,4 @@
-"""services/trainer/sft.py: packing and loss masking as pure functions, then a real LoRA run on the
+"""services/trainer/sft/: packing and loss masking as pure functions, then a real LoRA run on the
 tiny model (loss falls, greedy output moves to the taught pattern, the folder loads as a
 trainable peft adapter) and the `sft` command."""
 
@@ -10,19 +10,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from services.trainer.jsonl import DataError, SFTRecord
-from services.trainer.sft import (
-    METRICS_FILE,
+from services.trainer.data import DataError, SFTRecord
+from services.trainer.sft.cli import train_sft
+from services.trainer.sft.examples import (
     Example,
-    SFTConfig,
-    _make_rows,
     collate,
     encode_example,
+    make_rows,
     pack,
-    run_sft,
     sft_loss,
-    train_sft,
 )
+from services.trainer.sft.settings import SFTSettings
+from services.trainer.sft.train import METRICS_FILE, run_sft
 
 PATTERN = "red green blue red green blue red green blue"
 PROMPTS = ["Say the colors.", "What comes next?", "Tell me a pattern.", "Hello there.",
@@ -137,25 +136,23 @@ def test_sft_loss_counts_only_the_masked_targets():
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_no_packing_cuts_long_examples_and_drops_those_left_without_targets(tmp_path):
-    cfg = SFTConfig(data=tmp_path / "d", out=tmp_path / "o", model=tmp_path, max_length=4,
-                    packing=False)
+def test_no_packing_cuts_long_examples_and_drops_those_left_without_targets():
     examples = [
         Example([1, 2, 3], [0, 1, 1]),
         Example([1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 1, 1]),  # cut to 4, keeps targets
         Example([1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 1, 1]),  # cut to 4: nothing left to learn
     ]
-    made = _make_rows(examples, cfg)
+    made = make_rows(examples, packing=False, max_length=4)
     assert (made.truncated, made.dropped) == (2, 1)
     assert [r.input_ids for r in made.rows] == [[1, 2, 3], [1, 2, 3, 4]]
     assert [r.loss_mask for r in made.rows] == [[0, 1, 1], [0, 0, 1, 1]]
 
 
-def test_config_rejects_bad_values(tmp_path):
+def test_settings_reject_bad_values(tmp_path):
     with pytest.raises(ValueError, match="epochs"):
-        SFTConfig(data=tmp_path, out=tmp_path, model=tmp_path, epochs=0)
+        SFTSettings(data=tmp_path, out=tmp_path, model=tmp_path, epochs=0)
     with pytest.raises(ValueError, match="target_modules"):
-        SFTConfig(data=tmp_path, out=tmp_path, model=tmp_path, target_modules=())
+        SFTSettings(data=tmp_path, out=tmp_path, model=tmp_path, target_modules=())
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +166,7 @@ def sft_run(tiny_model_dir, tmp_path_factory):
     data = _write_jsonl(base / "pattern.jsonl",
                         [{"prompt": p, "response": PATTERN} for p in PROMPTS * 2])
     # A high rate and small batches: a few dozen steps teach the random tiny model the pattern.
-    config = SFTConfig(data=data, out=base / "adapter", model=tiny_model_dir, epochs=6, lr=1e-2,
+    config = SFTSettings(data=data, out=base / "adapter", model=tiny_model_dir, epochs=6, lr=1e-2,
                        batch_size=2, max_length=64, lora_r=8, lora_alpha=16, seed=0,
                        progress=False)
     return config, run_sft(config)
@@ -192,7 +189,7 @@ def test_training_lowers_the_loss_clearly(sft_run, trained, tokenizer):
     assert lines[-1]["loss"] < 0.7 * lines[0]["loss"]
 
     # The same data, measured with the adapter off (the base) and on.
-    from services.trainer.jsonl import read_sft
+    from services.trainer.data import read_sft
 
     examples = [encode_example(r, tokenizer) for r in read_sft(config.data)]
     input_ids, attention_mask, loss_mask = collate(pack(examples, 64), tokenizer.pad_token_id)

@@ -8,14 +8,14 @@ predicts completion token t for every row (P = padded prompt width).
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from services.trainer.ppo_math import entropy_from_logits, logprobs_from_logits
+from rlhf.files import atomic_dir
+from services.trainer.rl_math import entropy_from_logits, logprobs_from_logits
 
 
 @dataclass
@@ -144,14 +144,11 @@ class ActorCritic(nn.Module):
     def save_policy_adapter(self, out: Path) -> Path:
         """A plain peft folder (adapter_config.json + adapter_model.safetensors) of the policy
         adapter alone, as PushAdapter and PeftModel.from_pretrained expect."""
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(str(tmp), selected_adapters=["policy"])
-        nested = tmp / "policy"  # peft nests non-default adapter names
-        if nested.is_dir():
-            for f in nested.iterdir():
-                f.rename(tmp / f.name)
-            nested.rmdir()
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        with atomic_dir(out) as tmp:
+            self.model.save_pretrained(str(tmp), selected_adapters=["policy"])
+            nested = tmp / "policy"  # peft nests non-default adapter names
+            if nested.is_dir():
+                for f in nested.iterdir():
+                    f.rename(tmp / f.name)
+                nested.rmdir()
         return out

@@ -4,19 +4,21 @@
 for version k), the critic adapter and value head, the optimizer, the KL controller, RNG states,
 the data position and the step's metrics line. A checkpoint is written to a temp folder and
 renamed, then `latest` is replaced atomically: a `kill -9` at any point leaves the previous
-checkpoint intact, so no step is lost or done twice.
+checkpoint intact. A run resumes from its latest checkpoint: steps after it (with
+checkpoint_every > 1) are done again, none is done twice in the metrics.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from rlhf.files import atomic_dir, atomic_write
 
 
 def checkpoints_dir(out: Path) -> Path:
@@ -42,24 +44,24 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
+def step_of(folder: Path) -> int:
+    """The step a checkpoint folder (`step-<k>`) holds."""
+    return int(folder.name.split("-")[1])
+
+
 def save(out: Path, step: int, *, model, optimizer, state: dict, keep: int) -> Path:
     root = checkpoints_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_policy_adapter(tmp / "policy")
-    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save(trainable, tmp / "trainable.pt")
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer_tmp = root / ".latest.tmp"
-    pointer_tmp.write_text(final.name)
-    os.replace(pointer_tmp, root / "latest")
-    steps = sorted((int(p.name.split("-")[1]) for p in root.glob("step-*")), reverse=True)
+    with atomic_dir(final) as tmp:
+        model.save_policy_adapter(tmp / "policy")
+        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save(trainable, tmp / "trainable.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()},
+                   tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+    atomic_write(root / "latest", final.name)
+    steps = sorted((step_of(p) for p in root.glob("step-*")), reverse=True)
     for old in steps[keep:]:
         shutil.rmtree(root / f"step-{old}", ignore_errors=True)
     return final

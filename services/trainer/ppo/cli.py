@@ -3,6 +3,7 @@
 Data parallel on one node: `torchrun --nproc-per-node N -m rlhf.cli train ppo ...` (gloo; the
 learner computes on CPU). Rank 0 talks to the services, writes the run folder and shows progress;
 the other ranks share the forward and backward passes (see services/trainer/distributed.py).
+Flags override the keys of `--config` (a YAML of PPOSettings keys), which override the defaults.
 """
 
 from __future__ import annotations
@@ -15,19 +16,21 @@ from pathlib import Path
 import click
 
 from rlhf.plumbing.config import ConfigError
+from services.trainer.ppo.settings import PPOSettings
+from services.trainer.settings import option
 
 
 def _progress_hooks(total: int, start: int):
     from tqdm import tqdm
 
-    from services.trainer.learner import Hooks
+    from services.trainer.ppo.learner import Hooks
 
     bar = tqdm(total=total, initial=start, desc="ppo", unit="step", dynamic_ncols=True)
 
     def on_metrics(m: dict) -> None:
         bar.update(1)
-        bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}",
-                        v=m["adapter_version"], refresh=True)
+        bar.set_postfix(reward=f"{m['reward/mean']:.3f}", kl=f"{m['kl/ref']:.3f}",
+                        v=m["adapter/version"], refresh=True)
 
     def on_state(state: str, message: str) -> None:
         bar.set_description("ppo (waiting)" if state == "waiting" else "ppo")
@@ -41,42 +44,42 @@ def _progress_hooks(total: int, start: int):
     return bar, Hooks(on_metrics=on_metrics, on_event=on_event, on_state=on_state)
 
 
+def _flag(name: str, *decls: str, **kwargs):
+    return option(PPOSettings, name, *decls, overlay=True, **kwargs)
+
+
 @click.command("ppo", help="PPO / GRPO / RLOO against running policy and reward services.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="Run YAML (keys as the flags, with underscores); flags override it.")
-@click.option("--model", type=click.Path(path_type=Path), help="Base model folder.")
-@click.option("--init-adapter", type=click.Path(path_type=Path), help="SFT adapter to start from.")
-@click.option("--policy-addr", multiple=True, help="Policy replica host:port (repeatable) or "
-              "a dns:/// name.")
-@click.option("--reward-addr", multiple=True, help="Reward host:port (repeatable) or dns:///.")
-@click.option("--prompts", type=click.Path(path_type=Path), help="Prompts JSONL.")
-@click.option("--algo", type=click.Choice(["ppo", "grpo", "rloo"]))
-@click.option("--steps", type=int)
-@click.option("--out", type=click.Path(path_type=Path), help="Run folder (resumes if it holds "
-              "a checkpoint).")
-@click.option("--prompts-per-step", type=int)
-@click.option("--samples-per-prompt", type=int)
-@click.option("--max-new-tokens", type=int)
-@click.option("--learning-rate", type=float)
-@click.option("--kl-coef", type=float)
-@click.option("--max-staleness", type=int)
-@click.option("--seed", type=int)
-@click.option("--admin-token", envvar="RLHF_POLICY_ADMIN_TOKEN", help="Policy admin token.")
-@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]),
-              help="Dtype of the learner's matmuls (bfloat16: autocast, ~2x faster on AMX CPUs).")
-@click.option("--cpu-cores", help="Run the learner on these cores only, e.g. 4-7 (a CPU shared "
-              "with the policy: give each its own).")
+@_flag("model")
+@_flag("init_adapter")
+@_flag("policy_addr")
+@_flag("reward_addr")
+@_flag("prompts")
+@_flag("algo")
+@_flag("steps")
+@_flag("out")
+@_flag("prompts_per_step")
+@_flag("samples_per_prompt")
+@_flag("max_new_tokens")
+@_flag("learning_rate")
+@_flag("kl_coef")
+@_flag("max_staleness")
+@_flag("checkpoint_every")
+@_flag("seed")
+@_flag("admin_token", envvar="RLHF_POLICY_ADMIN_TOKEN")
+@_flag("compute_dtype")
+@_flag("cpu_cores")
 def train_ppo(config_file, **flags) -> None:
-    from services.trainer.checkpoint import latest
+    from services.trainer.data import DataError
     from services.trainer.distributed import process_group
-    from services.trainer.jsonl import DataError
-    from services.trainer.learner import Learner
-    from services.trainer.settings import RunSettings
+    from services.trainer.ppo.checkpoint import latest, step_of
+    from services.trainer.ppo.learner import Learner
 
     flags["policy_addr"] = list(flags["policy_addr"]) or None
     flags["reward_addr"] = list(flags["reward_addr"]) or None
     try:
-        settings = RunSettings.load(config_file, **flags)
+        settings = PPOSettings.load(config_file, **flags)
         settings.require_runnable()
     except (ConfigError, DataError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -91,7 +94,7 @@ def train_ppo(config_file, **flags) -> None:
             if world.is_main:
                 done = 0
                 if latest(settings.out) is not None:
-                    done = int(latest(settings.out).name.split("-")[1])
+                    done = step_of(latest(settings.out))
                     click.echo(f"resuming {settings.out} after step {done}", err=True)
                 bar, hooks = _progress_hooks(settings.steps, done)
             learner = Learner(settings, hooks, world)

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from rlhf.plumbing import metrics as m
 from rlhf.plumbing.config import ConfigError
 from rlhf.plumbing.errors import FailedPrecondition, InvalidArgument, NotFound
 from rlhf.v1 import trainer_pb2
 from services.trainer.config import TrainerConfig
-from services.trainer.learner import Hooks, Learner
-from services.trainer.settings import RunSettings
+from services.trainer.ppo.learner import Hooks, Learner
+from services.trainer.ppo.metrics import TrainerMetrics, to_proto
+from services.trainer.ppo.settings import PPOSettings
 
 log = logging.getLogger("rlhf.trainer.runs")
 RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -35,32 +35,6 @@ EVENTS = {"checkpoint_saved": trainer_pb2.RUN_EVENT_KIND_CHECKPOINT_SAVED,
           "push_failed": trainer_pb2.RUN_EVENT_KIND_PUSH_FAILED,
           "waiting": trainer_pb2.RUN_EVENT_KIND_WAITING,
           "state": trainer_pb2.RUN_EVENT_KIND_STATE_CHANGED}
-METRIC_FIELDS = {f.name for f in trainer_pb2.StepMetrics.DESCRIPTOR.fields}
-
-
-class TrainerMetrics:
-    def __init__(self) -> None:
-        self.step = m.gauge("rlhf_trainer_step", "Steps completed by the current run")
-        self.version = m.gauge("rlhf_trainer_adapter_version", "Latest adapter version pushed")
-        self.reward = m.gauge("rlhf_trainer_reward_mean", "Mean reward of the latest step")
-        self.kl = m.gauge("rlhf_trainer_kl", "Mean KL to the reference, latest step (nats)")
-        self.figure = m.gauge("rlhf_trainer_step_figure", "Other per-step figures", ("name",))
-        self.phase = m.gauge("rlhf_trainer_phase_seconds", "Seconds per phase, latest step",
-                             ("phase",))
-        self.push_failures = m.counter("rlhf_trainer_push_failures", "Replica push refusals")
-        self.waiting = m.gauge("rlhf_trainer_waiting", "1 while a run waits for a service")
-
-    def record(self, metrics: dict) -> None:
-        self.step.set(metrics["step"])
-        self.version.set(metrics["adapter_version"])
-        self.reward.set(metrics["reward_mean"])
-        self.kl.set(metrics["kl"])
-        for name in ("entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl",
-                     "logprob_mismatch", "staleness", "samples_per_second", "kl_coef",
-                     "reward_std"):
-            self.figure.labels(name).set(metrics[name])
-        for phase in ("generate", "score", "train", "push"):
-            self.phase.labels(phase).set(metrics[f"{phase}_seconds"])
 
 
 def _ts(t: float) -> Timestamp:
@@ -72,7 +46,7 @@ def _ts(t: float) -> Timestamp:
 @dataclass
 class RunRecord:
     run_id: str
-    settings: RunSettings
+    settings: PPOSettings
     state: str = "pending"
     step: int = 0
     version: int = 0
@@ -94,15 +68,11 @@ class RunRecord:
             config=settings_to_proto(s),
         )
         if self.last_metrics is not None:
-            run.last_metrics.CopyFrom(metrics_proto(self.last_metrics))
+            run.last_metrics.CopyFrom(to_proto(self.last_metrics))
         return run
 
 
-def metrics_proto(metrics: dict) -> trainer_pb2.StepMetrics:
-    return trainer_pb2.StepMetrics(**{k: v for k, v in metrics.items() if k in METRIC_FIELDS})
-
-
-def settings_to_proto(s: RunSettings) -> trainer_pb2.RunConfig:
+def settings_to_proto(s: PPOSettings) -> trainer_pb2.RunConfig:
     algo = {v: k for k, v in ALGOS.items() if k != trainer_pb2.ALGORITHM_UNSPECIFIED}[s.algo]
     return trainer_pb2.RunConfig(
         algorithm=algo, model=str(s.resolved_model()), init_adapter=str(s.init_adapter or ""),
@@ -119,7 +89,16 @@ def settings_to_proto(s: RunSettings) -> trainer_pb2.RunConfig:
 
 
 def settings_from_proto(cfg: trainer_pb2.RunConfig, defaults: TrainerConfig,
-                        run_id: str) -> RunSettings:
+                        run_id: str) -> PPOSettings:
+    """A run's settings: the request's values over the trainer's configured defaults; the peers,
+    their TLS and the admin token always come from the trainer's config."""
+    missing = [key for key in ("policy_addr", "reward_addr") if not getattr(defaults, key)]
+    if missing:
+        raise InvalidArgument(
+            f"this trainer has no {' and no '.join(missing)} configured (set "
+            + ", ".join(f"--{k.replace('_', '-')} or {TrainerConfig.env_prefix()}{k.upper()}"
+                        for k in missing)
+            + "); it cannot start a run")
     values: dict = {"algo": ALGOS[cfg.algorithm]}
     for name in ("model", "init_adapter"):
         if getattr(cfg, name):
@@ -145,10 +124,10 @@ def settings_from_proto(cfg: trainer_pb2.RunConfig, defaults: TrainerConfig,
     values.setdefault("model", defaults.model)
     values.setdefault("prompts", defaults.prompts)
     values.update(policy_addr=defaults.policy_addr, reward_addr=defaults.reward_addr,
-                  admin_token=defaults.policy_admin_token,
+                  client_tls=defaults.client_tls, admin_token=defaults.policy_admin_token,
                   out=defaults.resolved_runs_dir() / run_id)
     try:
-        settings = RunSettings.load(None, **{k: v for k, v in values.items() if v is not None})
+        settings = PPOSettings.load(None, **{k: v for k, v in values.items() if v is not None})
         settings.require_runnable()
     except ConfigError as exc:
         raise InvalidArgument(str(exc)) from None
@@ -250,10 +229,10 @@ class RunManager:
 
     def _hooks(self, record: RunRecord) -> Hooks:
         def on_metrics(metrics: dict) -> None:
-            record.step, record.version = metrics["step"], metrics["adapter_version"]
+            record.step, record.version = metrics["step"], metrics["adapter/version"]
             record.last_metrics = metrics
             self.metrics.record(metrics)
-            self._publish(record, trainer_pb2.WatchRunResponse(metrics=metrics_proto(metrics)))
+            self._publish(record, trainer_pb2.WatchRunResponse(metrics=to_proto(metrics)))
 
         def on_event(kind: str, message: str) -> None:
             if kind == "push_failed":

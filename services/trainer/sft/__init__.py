@@ -1,0 +1,1 @@
+"""LoRA supervised fine-tuning (`rlhf train sft`): the adapter PPO starts from."""

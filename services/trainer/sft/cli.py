@@ -1,0 +1,58 @@
+"""`rlhf train sft`: LoRA supervised fine-tuning; prints the adapter folder.
+
+Data parallel: `torchrun --nproc-per-node N -m rlhf.cli train sft ...` (gloo on CPU, NCCL with one
+GPU per rank); `--batch-size` stays the global batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from services.trainer.settings import option
+from services.trainer.sft.settings import DEFAULT_TARGET_MODULES, SFTSettings
+
+
+def _split_modules(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
+    names = tuple(n.strip() for v in values for n in v.split(",") if n.strip())
+    return names or DEFAULT_TARGET_MODULES
+
+
+def _option(name: str, *decls: str, **kwargs):
+    return option(SFTSettings, name, *decls, **kwargs)
+
+
+@click.command("sft")
+@_option("model", type=click.Path(file_okay=False, path_type=Path), show_default=False)
+@_option("data", type=click.Path(dir_okay=False, path_type=Path))
+@_option("out", type=click.Path(file_okay=False, path_type=Path))
+@_option("epochs")
+@_option("lr")
+@_option("batch_size")
+@_option("max_length")
+@_option("lora_r")
+@_option("lora_alpha")
+@_option("target_modules", default=(), callback=_split_modules,
+         help=f"{SFTSettings.model_fields['target_modules'].description} "
+              f"[default: {','.join(DEFAULT_TARGET_MODULES)}]")
+@_option("seed")
+@_option("packing", "--no-packing", flag_value=False, show_default=False)
+def train_sft(**flags) -> None:
+    """LoRA supervised fine-tuning; writes a peft adapter folder that PPO starts from.
+
+    Progress goes to stderr and only the adapter folder to stdout.
+    """
+    from services.trainer.distributed import process_group
+    from services.trainer.errors import DataError, TrainError
+    from services.trainer.sft.train import resolve_device, run_sft
+
+    settings = SFTSettings(**flags)
+    backend = "nccl" if resolve_device(settings.device).type == "cuda" else "gloo"
+    with process_group(backend) as ranks:
+        try:
+            folder = run_sft(settings)
+        except (DataError, TrainError) as exc:
+            raise click.ClickException(str(exc)) from None
+    if ranks.is_main:
+        click.echo(str(folder))
