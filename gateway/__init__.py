@@ -1,1 +1,1 @@
-"""The HTTP gateway (FastAPI): best-of-n, OpenAI-compatible endpoints, feedback. Issue #6."""
+"""The HTTP gateway (FastAPI): best-of-n, OpenAI-compatible endpoints, feedback."""

@@ -1,8 +1,8 @@
 """Generates the Python gRPC code for protos/ into rlhf/v1/ (the one way it is produced).
 
 Run `python scripts/gen_protos.py` after editing a .proto file and commit the result;
-tests/contract/test_contract.py fails when the committed code is stale. `--out DIR` writes elsewhere (the
-test uses it to compare).
+tests/contract/test_contract.py fails when the committed code is stale. `--out DIR` writes
+elsewhere (the test uses it to compare).
 """
 
 from __future__ import annotations

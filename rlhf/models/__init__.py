@@ -4,7 +4,6 @@ Heavy libraries (torch, transformers) are imported inside the functions, so impo
 package (e.g. for the CLI's --help) stays cheap.
 """
 
-from rlhf.paths import default_model_dir, rlhf_home
 from rlhf.models.prepare import (
     ModelSourceMissing,
     ModelVerificationError,
@@ -13,6 +12,7 @@ from rlhf.models.prepare import (
     verify_model_dir,
 )
 from rlhf.models.tiny import make_tiny_model
+from rlhf.paths import default_model_dir, rlhf_home
 
 __all__ = [
     "ModelSourceMissing",

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.files import atomic_dir, dir_lock, atomic_write
+from rlhf.files import atomic_dir, atomic_write, dir_lock
 from rlhf.paths import default_model_dir
 
 log = logging.getLogger(__name__)

@@ -4,11 +4,8 @@ forward passes."""
 
 from __future__ import annotations
 
-from rlhf.formats import rm_default_format, rm_tokenize
+from rlhf.formats import rm_tokenize
 from services.reward.items import Item
-
-# The name tests/trainer/test_rm_train.py compares the trainer's choice of format with.
-default_format = rm_default_format
 
 
 def tokenize(tokenizer, fmt: str, items: list[Item], max_tokens: int):

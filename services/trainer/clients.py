@@ -30,7 +30,6 @@ class Sample:
     completion_text: str
     behaviour_logprobs: list[float]
     adapter_version: int  # 0 = base model
-    finish_reason: int
     score: float = 0.0
 
 
@@ -54,9 +53,6 @@ class Services:
     async def close(self) -> None:
         """Closes every channel to both services."""
         await asyncio.gather(self.policy.close(), self.reward.close())
-
-    async def base_model_id(self) -> str:
-        return (await self.policy.get_info()).base_model_id
 
     async def newest_version(self) -> int:
         """The newest version of this run's adapter name any replica has accepted (0 if none),
@@ -91,7 +87,6 @@ class Services:
                     prompt_index=result.prompt_index, prompt_ids=list(result.prompt_token_ids),
                     completion_ids=list(c.token_ids), completion_text=c.text,
                     behaviour_logprobs=list(c.logprobs), adapter_version=version,
-                    finish_reason=c.finish_reason,
                 ))
         return samples
 

@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
-from tests.fixtures.ports import free_port
 from tests.deploy.tools import K8S, MONITORING, grafana_expr, load_module
+from tests.fixtures.ports import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

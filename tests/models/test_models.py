@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from rlhf import paths
-from rlhf.models import prepare
 from rlhf.files import atomic_dir
+from rlhf.models import prepare
 from rlhf.models.cli import model as model_cli
 from rlhf.models.tiny import CHAT_TEMPLATE, MARKER, MIN_VOCAB_SIZE, make_tiny_model
 from tests.fixtures.models import *  # noqa: F403

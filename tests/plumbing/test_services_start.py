@@ -19,8 +19,8 @@ from rlhf.v1 import (
     trainer_pb2,
     trainer_pb2_grpc,
 )
-from tests.fixtures.ports import free_port
 from tests.fixtures.grpc_helpers import health_status, read_until, start_process
+from tests.fixtures.ports import free_port
 
 
 def _env(tmp_path):
