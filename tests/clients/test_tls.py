@@ -71,13 +71,13 @@ async def test_trainer_services_use_tls_for_every_call(server_tls, client_tls, t
     try:
         services = Services(*addrs, "run", tls=client_tls, retry_max=5)
         try:
-            assert await services.base_model_id() == "tiny"
+            assert (await services.policy.get_info()).base_model_id == "tiny"
             assert await services.newest_version() == 0
             result = await services.push(folder, 1, "tiny", None, quorum=1.0)
             assert result.confirmed == addrs[0] and replica.pushed == [1]
             assert await services.newest_version() == 1
             record = SimpleNamespace(prompt="Say a word.", messages=None, meta={})
-            sample = Sample(0, [], [], "word", [], 1, 0)
+            sample = Sample(0, [], [], "word", [], 1)
             assert await services.score([record], [sample]) == [pytest.approx(1.0)]
         finally:
             await services.close()

@@ -61,7 +61,7 @@ def _rollouts(n_prompts: int, per_prompt: int, seed: int = 0):
                 prompt_index=p, prompt_ids=prompt,
                 completion_ids=[rng.randrange(3, 500) for _ in range(length)],
                 completion_text="", behaviour_logprobs=[-rng.uniform(4, 8) for _ in range(length)],
-                adapter_version=1, finish_reason=1, score=rng.uniform(-1, 1)))
+                adapter_version=1, score=rng.uniform(-1, 1)))
     return samples
 
 
