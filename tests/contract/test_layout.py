@@ -68,3 +68,16 @@ def test_shared_code_imports_no_service_or_model_code(rel):
             assert not any(_under(name, banned) for banned in (
                 "services", "gateway", "torch", "vllm", "transformers", "rlhf.stack", "rlhf.cli",
                 "rlhf.models")), f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_only_the_policy_vllm_backend_imports_vllm():
+    """The policy's servicer, adapter registry and fake engine run (and are tested) without
+    vLLM: only services/policy/vllm_backend/ imports it."""
+    policy = ROOT / "services" / "policy"
+    backend = policy / "vllm_backend"
+    outside = [p for p in policy.rglob("*.py") if backend not in p.parents]
+    assert len(outside) > 5
+    offenders = {str(p.relative_to(ROOT)): sorted(n for n in _imports(p) if _under(n, "vllm"))
+                 for p in outside}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    assert any(_under(n, "vllm") for p in backend.rglob("*.py") for n in _imports(p))

@@ -3,6 +3,7 @@ requests and bad pushes, each with the status and the words the refusal must car
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 
 from rlhf.clients.push import push_requests
 from rlhf.v1 import common_pb2, policy_pb2
-from tests.fixtures.policy_helpers import ids_prompt, text_prompt
+from tests.fixtures.policy_helpers import ids_prompt, stub, text_prompt
 
 
 def chat(*turns, cont=False) -> common_pb2.Prompt:
@@ -159,3 +160,19 @@ BAD_PUSHES = [
 ]
 
 
+
+
+async def read_stream(channel, req: policy_pb2.GenerateStreamRequest, started: asyncio.Event,
+                      timeout: float):
+    """A GenerateStream call read to its end: (tokens, served_by, finished_by), the versions as
+    (name, version); `started` is set once the first token has arrived."""
+    tokens, served, finished = [], None, None
+    async for msg in stub(channel).GenerateStream(req, timeout=timeout):
+        if msg.HasField("served_by"):
+            served = (msg.served_by.adapter.name, msg.served_by.adapter.version)
+        if msg.HasField("finished_by"):
+            finished = (msg.finished_by.adapter.name, msg.finished_by.adapter.version)
+        tokens += msg.token_ids
+        if tokens:
+            started.set()
+    return tokens, served, finished

@@ -26,6 +26,7 @@ from tests.fixtures.policy_helpers import (
     set_active,
     stub,
 )
+from tests.policy.helpers import read_stream
 
 pytestmark = pytest.mark.vllm
 PROMPT = [20, 21, 22, 23, 24]
@@ -127,16 +128,7 @@ async def _stream(policy, n_tokens: int, selector, started: asyncio.Event):
     req = policy_pb2.GenerateStreamRequest(prompt=ids_prompt(PROMPT), params=greedy(n_tokens))
     if selector is not None:
         req.adapter.CopyFrom(selector)
-    tokens, served, finished = [], None, None
-    async for msg in stub(policy.channel).GenerateStream(req, timeout=120):
-        if msg.HasField("served_by"):
-            served = (msg.served_by.adapter.name, msg.served_by.adapter.version)
-        if msg.HasField("finished_by"):
-            finished = (msg.finished_by.adapter.name, msg.finished_by.adapter.version)
-        tokens += msg.token_ids
-        if tokens:
-            started.set()
-    return tokens, served, finished, time.monotonic()
+    return *await read_stream(policy.channel, req, started, timeout=120), time.monotonic()
 
 
 async def test_a_switch_waits_for_pinned_requests_and_moves_unpinned_ones(policy, tiny_adapters):

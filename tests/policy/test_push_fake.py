@@ -25,7 +25,7 @@ from tests.fixtures.policy_helpers import (
     stub,
 )
 from tests.policy.conftest import start_fake_policy, stop_fake_policy
-from tests.policy.helpers import BAD_PUSHES, bad_pushes
+from tests.policy.helpers import BAD_PUSHES, bad_pushes, read_stream
 
 
 async def _push(policy, folder, name, version, **kw):
@@ -140,17 +140,7 @@ async def _stream(policy, n_tokens, selector, started: asyncio.Event):
     req = policy_pb2.GenerateStreamRequest(prompt=ids_prompt([7, 8]), params=greedy(n_tokens))
     if selector is not None:
         req.adapter.CopyFrom(selector)
-    served = finished = None
-    tokens = []
-    async for msg in stub(policy.channel).GenerateStream(req, timeout=60):
-        if msg.HasField("served_by"):
-            served = (msg.served_by.adapter.name, msg.served_by.adapter.version)
-        if msg.HasField("finished_by"):
-            finished = (msg.finished_by.adapter.name, msg.finished_by.adapter.version)
-        tokens += msg.token_ids
-        if tokens:
-            started.set()
-    return tokens, served, finished
+    return await read_stream(policy.channel, req, started, timeout=60)
 
 
 async def test_a_merged_switch_waits_for_pinned_requests_and_moves_unpinned_ones(
