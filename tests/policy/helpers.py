@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import grpc
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -176,3 +177,15 @@ async def read_stream(channel, req: policy_pb2.GenerateStreamRequest, started: a
         if tokens:
             started.set()
     return tokens, served, finished
+
+
+async def assert_bad_request_refused(channel, case: str) -> None:
+    """Generate with bad_requests()[case] is refused: NOT_FOUND for a missing adapter, else
+    INVALID_ARGUMENT, with the message that names the field."""
+    request, message = bad_requests(512)[case]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub(channel).Generate(request, timeout=30)
+    expected = grpc.StatusCode.NOT_FOUND if "no adapter" in message else (
+        grpc.StatusCode.INVALID_ARGUMENT)
+    assert err.value.code() == expected, err.value.details()
+    assert message in err.value.details()

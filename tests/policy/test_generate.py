@@ -21,7 +21,7 @@ from tests.fixtures.policy_helpers import (
     stub,
     text_prompt,
 )
-from tests.policy.helpers import bad_requests, chat
+from tests.policy.helpers import assert_bad_request_refused, bad_requests, chat
 
 pytestmark = pytest.mark.vllm
 
@@ -207,13 +207,7 @@ async def test_admission_bound_refuses_with_the_limit(policy, monkeypatch):
 
 @pytest.mark.parametrize("case", list(bad_requests(512)))
 async def test_bad_input_is_invalid_argument_or_not_found(policy, case):
-    request, message = bad_requests(512)[case]
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub(policy.channel).Generate(request, timeout=30)
-    expected = grpc.StatusCode.NOT_FOUND if "no adapter" in message else (
-        grpc.StatusCode.INVALID_ARGUMENT)
-    assert err.value.code() == expected, err.value.details()
-    assert message in err.value.details()
+    await assert_bad_request_refused(policy.channel, case)
 
 
 async def test_bad_stream_input(policy):

@@ -15,18 +15,12 @@ from services.policy.fake_engine import FakeEngine
 from tests.fixtures.grpc_helpers import health_status
 from tests.fixtures.policy_helpers import base, greedy, ids_prompt, stub, text_prompt
 from tests.policy.conftest import start_fake_policy, stop_fake_policy
-from tests.policy.helpers import bad_requests
+from tests.policy.helpers import assert_bad_request_refused, bad_requests
 
 
 @pytest.mark.parametrize("case", list(bad_requests(512)))
 async def test_bad_input_is_invalid_argument_or_not_found(fake_policy, case):
-    request, message = bad_requests(512)[case]
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub(fake_policy.channel).Generate(request, timeout=30)
-    expected = grpc.StatusCode.NOT_FOUND if "no adapter" in message else (
-        grpc.StatusCode.INVALID_ARGUMENT)
-    assert err.value.code() == expected, err.value.details()
-    assert message in err.value.details()
+    await assert_bad_request_refused(fake_policy.channel, case)
     assert fake_policy.engine.pending_requests() == 0
 
 
