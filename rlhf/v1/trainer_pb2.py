@@ -25,43 +25,43 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x06\n\tRunConfig\x12%\n\talgorithm\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.Algorithm\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cinit_adapter\x18\x03 \x01(\t\x12\x14\n\x0cprompts_path\x18\x04 \x01(\t\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x18\n\x10prompts_per_step\x18\x06 \x01(\r\x12\x1a\n\x12samples_per_prompt\x18\x07 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x08 \x01(\r\x12\x18\n\x0btemperature\x18\t \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nppo_epochs\x18\x0b \x01(\r\x12\x16\n\x0eminibatch_size\x18\x0c \x01(\r\x12\x17\n\nclip_range\x18\r \x01(\x01H\x02\x88\x01\x01\x12\x1d\n\x10\x63lip_range_value\x18\x0e \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05gamma\x18\x0f \x01(\x01H\x04\x88\x01\x01\x12\x10\n\x03lam\x18\x10 \x01(\x01H\x05\x88\x01\x01\x12\x14\n\x07kl_coef\x18\x11 \x01(\x01H\x06\x88\x01\x01\x12\x16\n\ttarget_kl\x18\x12 \x01(\x01H\x07\x88\x01\x01\x12\x14\n\x0ckl_estimator\x18\x13 \x01(\t\x12\x11\n\tlora_rank\x18\x14 \x01(\r\x12\x17\n\nlora_alpha\x18\x15 \x01(\x01H\x08\x88\x01\x01\x12\x16\n\x0etarget_modules\x18\x16 \x03(\t\x12\x1a\n\rmax_staleness\x18\x17 \x01(\rH\t\x88\x01\x01\x12\x11\n\x04seed\x18\x18 \x01(\x04H\n\x88\x01\x01\x12\x18\n\x10\x63heckpoint_every\x18\x19 \x01(\r\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x1a \x01(\t\x12\x18\n\x0bpush_quorum\x18\x1b \x01(\x01H\x0b\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x10\n\x0e_learning_rateB\r\n\x0b_clip_rangeB\x13\n\x11_clip_range_valueB\x08\n\x06_gammaB\x06\n\x04_lamB\n\n\x08_kl_coefB\x0c\n\n_target_klB\r\n\x0b_lora_alphaB\x10\n\x0e_max_stalenessB\x07\n\x05_seedB\x0e\n\x0c_push_quorum\"\x96\x03\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0breward_mean\x18\x02 \x01(\x01\x12\x12\n\nreward_std\x18\x03 \x01(\x01\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x01\x12\x13\n\x0bpolicy_loss\x18\x06 \x01(\x01\x12\x12\n\nvalue_loss\x18\x07 \x01(\x01\x12\x10\n\x08\x63lipfrac\x18\x08 \x01(\x01\x12\x11\n\tapprox_kl\x18\t \x01(\x01\x12\x18\n\x10logprob_mismatch\x18\n \x01(\x01\x12\x11\n\tstaleness\x18\x0b \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x0c \x01(\x01\x12\x18\n\x10generate_seconds\x18\r \x01(\x01\x12\x15\n\rscore_seconds\x18\x0e \x01(\x01\x12\x15\n\rtrain_seconds\x18\x0f \x01(\x01\x12\x14\n\x0cpush_seconds\x18\x10 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x11 \x01(\x04\x12\x0f\n\x07kl_coef\x18\x12 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\x13 \x01(\x01\"\xb0\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.rlhf.v1.RunState\x12\"\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x12.rlhf.v1.RunConfig\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x05 \x01(\x04\x12*\n\x0clast_metrics\x18\x06 \x01(\x0b\x32\x14.rlhf.v1.StepMetrics\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0f\n\x07out_dir\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"E\n\x0fStartRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x12.rlhf.v1.RunConfig\"-\n\x10StartRunResponse\x12\x19\n\x03run\x18\x01 \x01(\x0b\x32\x0c.rlhf.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"+\n\x0eGetRunResponse\x12\x19\n\x03run\x18\x01 \x01(\x0b\x32\x0c.rlhf.v1.Run\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\",\n\x0fStopRunResponse\x12\x19\n\x03run\x18\x01 \x01(\x0b\x32\x0c.rlhf.v1.Run\"4\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\x04\"\x9a\x01\n\x08RunEvent\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.rlhf.v1.RunEventKind\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x03 \x01(\t\x12 \n\x05state\x18\x04 \x01(\x0e\x32\x11.rlhf.v1.RunState\x12\x0c\n\x04step\x18\x05 \x01(\x04\"i\n\x10WatchRunResponse\x12\'\n\x07metrics\x18\x01 \x01(\x0b\x32\x14.rlhf.v1.StepMetricsH\x00\x12\"\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x11.rlhf.v1.RunEventH\x00\x42\x08\n\x06update*a\n\tAlgorithm\x12\x19\n\x15\x41LGORITHM_UNSPECIFIED\x10\x00\x12\x11\n\rALGORITHM_PPO\x10\x01\x12\x12\n\x0e\x41LGORITHM_GRPO\x10\x02\x12\x12\n\x0e\x41LGORITHM_RLOO\x10\x03*\xc8\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x15\n\x11RUN_STATE_WAITING\x10\x03\x12\x16\n\x12RUN_STATE_STOPPING\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x06\x12\x14\n\x10RUN_STATE_FAILED\x10\x07*\xd4\x01\n\x0cRunEventKind\x12\x1e\n\x1aRUN_EVENT_KIND_UNSPECIFIED\x10\x00\x12 \n\x1cRUN_EVENT_KIND_STATE_CHANGED\x10\x01\x12!\n\x1dRUN_EVENT_KIND_ADAPTER_PUSHED\x10\x02\x12\x1e\n\x1aRUN_EVENT_KIND_PUSH_FAILED\x10\x03\x12#\n\x1fRUN_EVENT_KIND_CHECKPOINT_SAVED\x10\x04\x12\x1a\n\x16RUN_EVENT_KIND_WAITING\x10\x05\x32\x8d\x02\n\x0eTrainerService\x12?\n\x08StartRun\x12\x18.rlhf.v1.StartRunRequest\x1a\x19.rlhf.v1.StartRunResponse\x12\x39\n\x06GetRun\x12\x16.rlhf.v1.GetRunRequest\x1a\x17.rlhf.v1.GetRunResponse\x12<\n\x07StopRun\x12\x17.rlhf.v1.StopRunRequest\x1a\x18.rlhf.v1.StopRunResponse\x12\x41\n\x08WatchRun\x12\x18.rlhf.v1.WatchRunRequest\x1a\x19.rlhf.v1.WatchRunResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x07\n\tRunConfig\x12%\n\talgorithm\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.Algorithm\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cinit_adapter\x18\x03 \x01(\t\x12\x14\n\x0cprompts_path\x18\x04 \x01(\t\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x18\n\x10prompts_per_step\x18\x06 \x01(\r\x12\x1a\n\x12samples_per_prompt\x18\x07 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x08 \x01(\r\x12\x18\n\x0btemperature\x18\t \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nppo_epochs\x18\x0b \x01(\r\x12\x16\n\x0eminibatch_size\x18\x0c \x01(\r\x12\x17\n\nclip_range\x18\r \x01(\x01H\x02\x88\x01\x01\x12\x1d\n\x10\x63lip_range_value\x18\x0e \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05gamma\x18\x0f \x01(\x01H\x04\x88\x01\x01\x12\x10\n\x03lam\x18\x10 \x01(\x01H\x05\x88\x01\x01\x12\x14\n\x07kl_coef\x18\x11 \x01(\x01H\x06\x88\x01\x01\x12\x16\n\ttarget_kl\x18\x12 \x01(\x01H\x07\x88\x01\x01\x12\x14\n\x0ckl_estimator\x18\x13 \x01(\t\x12\x11\n\tlora_rank\x18\x14 \x01(\r\x12\x17\n\nlora_alpha\x18\x15 \x01(\x01H\x08\x88\x01\x01\x12\x16\n\x0etarget_modules\x18\x16 \x03(\t\x12\x1a\n\rmax_staleness\x18\x17 \x01(\rH\t\x88\x01\x01\x12\x11\n\x04seed\x18\x18 \x01(\x04H\n\x88\x01\x01\x12\x18\n\x10\x63heckpoint_every\x18\x19 \x01(\r\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x1a \x01(\t\x12\x18\n\x0bpush_quorum\x18\x1b \x01(\x01H\x0b\x88\x01\x01\x12\x0e\n\x06\x64\x65vice\x18\x1c \x01(\t\x12\x15\n\rcompute_dtype\x18\x1d \x01(\t\x12\x18\n\x10micro_batch_size\x18\x1e \x01(\r\x12#\n\x16gradient_checkpointing\x18\x1f \x01(\x08H\x0c\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x10\n\x0e_learning_rateB\r\n\x0b_clip_rangeB\x13\n\x11_clip_range_valueB\x08\n\x06_gammaB\x06\n\x04_lamB\n\n\x08_kl_coefB\x0c\n\n_target_klB\r\n\x0b_lora_alphaB\x10\n\x0e_max_stalenessB\x07\n\x05_seedB\x0e\n\x0c_push_quorumB\x19\n\x17_gradient_checkpointing\"\xae\x03\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0breward_mean\x18\x02 \x01(\x01\x12\x12\n\nreward_std\x18\x03 \x01(\x01\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x01\x12\x13\n\x0bpolicy_loss\x18\x06 \x01(\x01\x12\x12\n\nvalue_loss\x18\x07 \x01(\x01\x12\x10\n\x08\x63lipfrac\x18\x08 \x01(\x01\x12\x11\n\tapprox_kl\x18\t \x01(\x01\x12\x18\n\x10logprob_mismatch\x18\n \x01(\x01\x12\x11\n\tstaleness\x18\x0b \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x0c \x01(\x01\x12\x18\n\x10generate_seconds\x18\r \x01(\x01\x12\x15\n\rscore_seconds\x18\x0e \x01(\x01\x12\x15\n\rtrain_seconds\x18\x0f \x01(\x01\x12\x14\n\x0cpush_seconds\x18\x10 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x11 \x01(\x04\x12\x0f\n\x07kl_coef\x18\x12 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\x13 \x01(\x01\x12\x16\n\x0epeak_memory_gb\x18\x14 \x01(\x01\"\xb0\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.rlhf.v1.RunState\x12\"\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x12.rlhf.v1.RunConfig\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x05 \x01(\x04\x12*\n\x0clast_metrics\x18\x06 \x01(\x0b\x32\x14.rlhf.v1.StepMetrics\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0f\n\x07out_dir\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"E\n\x0fStartRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x12.rlhf.v1.RunConfig\"-\n\x10StartRunResponse\x12\x19\n\x03run\x18\x01 \x01(\x0b\x32\x0c.rlhf.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"+\n\x0eGetRunResponse\x12\x19\n\x03run\x18\x01 \x01(\x0b\x32\x0c.rlhf.v1.Run\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\",\n\x0fStopRunResponse\x12\x19\n\x03run\x18\x01 \x01(\x0b\x32\x0c.rlhf.v1.Run\"4\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\x04\"\x9a\x01\n\x08RunEvent\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.rlhf.v1.RunEventKind\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x03 \x01(\t\x12 \n\x05state\x18\x04 \x01(\x0e\x32\x11.rlhf.v1.RunState\x12\x0c\n\x04step\x18\x05 \x01(\x04\"i\n\x10WatchRunResponse\x12\'\n\x07metrics\x18\x01 \x01(\x0b\x32\x14.rlhf.v1.StepMetricsH\x00\x12\"\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x11.rlhf.v1.RunEventH\x00\x42\x08\n\x06update*a\n\tAlgorithm\x12\x19\n\x15\x41LGORITHM_UNSPECIFIED\x10\x00\x12\x11\n\rALGORITHM_PPO\x10\x01\x12\x12\n\x0e\x41LGORITHM_GRPO\x10\x02\x12\x12\n\x0e\x41LGORITHM_RLOO\x10\x03*\xc8\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x15\n\x11RUN_STATE_WAITING\x10\x03\x12\x16\n\x12RUN_STATE_STOPPING\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x06\x12\x14\n\x10RUN_STATE_FAILED\x10\x07*\xd4\x01\n\x0cRunEventKind\x12\x1e\n\x1aRUN_EVENT_KIND_UNSPECIFIED\x10\x00\x12 \n\x1cRUN_EVENT_KIND_STATE_CHANGED\x10\x01\x12!\n\x1dRUN_EVENT_KIND_ADAPTER_PUSHED\x10\x02\x12\x1e\n\x1aRUN_EVENT_KIND_PUSH_FAILED\x10\x03\x12#\n\x1fRUN_EVENT_KIND_CHECKPOINT_SAVED\x10\x04\x12\x1a\n\x16RUN_EVENT_KIND_WAITING\x10\x05\x32\x8d\x02\n\x0eTrainerService\x12?\n\x08StartRun\x12\x18.rlhf.v1.StartRunRequest\x1a\x19.rlhf.v1.StartRunResponse\x12\x39\n\x06GetRun\x12\x16.rlhf.v1.GetRunRequest\x1a\x17.rlhf.v1.GetRunResponse\x12<\n\x07StopRun\x12\x17.rlhf.v1.StopRunRequest\x1a\x18.rlhf.v1.StopRunResponse\x12\x41\n\x08WatchRun\x12\x18.rlhf.v1.WatchRunRequest\x1a\x19.rlhf.v1.WatchRunResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ALGORITHM']._serialized_start=2203
-  _globals['_ALGORITHM']._serialized_end=2300
-  _globals['_RUNSTATE']._serialized_start=2303
-  _globals['_RUNSTATE']._serialized_end=2503
-  _globals['_RUNEVENTKIND']._serialized_start=2506
-  _globals['_RUNEVENTKIND']._serialized_end=2718
+  _globals['_ALGORITHM']._serialized_start=2356
+  _globals['_ALGORITHM']._serialized_end=2453
+  _globals['_RUNSTATE']._serialized_start=2456
+  _globals['_RUNSTATE']._serialized_end=2656
+  _globals['_RUNEVENTKIND']._serialized_start=2659
+  _globals['_RUNEVENTKIND']._serialized_end=2871
   _globals['_RUNCONFIG']._serialized_start=68
-  _globals['_RUNCONFIG']._serialized_end=891
-  _globals['_STEPMETRICS']._serialized_start=894
-  _globals['_STEPMETRICS']._serialized_end=1300
-  _globals['_RUN']._serialized_start=1303
-  _globals['_RUN']._serialized_end=1607
-  _globals['_STARTRUNREQUEST']._serialized_start=1609
-  _globals['_STARTRUNREQUEST']._serialized_end=1678
-  _globals['_STARTRUNRESPONSE']._serialized_start=1680
-  _globals['_STARTRUNRESPONSE']._serialized_end=1725
-  _globals['_GETRUNREQUEST']._serialized_start=1727
-  _globals['_GETRUNREQUEST']._serialized_end=1758
-  _globals['_GETRUNRESPONSE']._serialized_start=1760
-  _globals['_GETRUNRESPONSE']._serialized_end=1803
-  _globals['_STOPRUNREQUEST']._serialized_start=1805
-  _globals['_STOPRUNREQUEST']._serialized_end=1837
-  _globals['_STOPRUNRESPONSE']._serialized_start=1839
-  _globals['_STOPRUNRESPONSE']._serialized_end=1883
-  _globals['_WATCHRUNREQUEST']._serialized_start=1885
-  _globals['_WATCHRUNREQUEST']._serialized_end=1937
-  _globals['_RUNEVENT']._serialized_start=1940
-  _globals['_RUNEVENT']._serialized_end=2094
-  _globals['_WATCHRUNRESPONSE']._serialized_start=2096
-  _globals['_WATCHRUNRESPONSE']._serialized_end=2201
-  _globals['_TRAINERSERVICE']._serialized_start=2721
-  _globals['_TRAINERSERVICE']._serialized_end=2990
+  _globals['_RUNCONFIG']._serialized_end=1020
+  _globals['_STEPMETRICS']._serialized_start=1023
+  _globals['_STEPMETRICS']._serialized_end=1453
+  _globals['_RUN']._serialized_start=1456
+  _globals['_RUN']._serialized_end=1760
+  _globals['_STARTRUNREQUEST']._serialized_start=1762
+  _globals['_STARTRUNREQUEST']._serialized_end=1831
+  _globals['_STARTRUNRESPONSE']._serialized_start=1833
+  _globals['_STARTRUNRESPONSE']._serialized_end=1878
+  _globals['_GETRUNREQUEST']._serialized_start=1880
+  _globals['_GETRUNREQUEST']._serialized_end=1911
+  _globals['_GETRUNRESPONSE']._serialized_start=1913
+  _globals['_GETRUNRESPONSE']._serialized_end=1956
+  _globals['_STOPRUNREQUEST']._serialized_start=1958
+  _globals['_STOPRUNREQUEST']._serialized_end=1990
+  _globals['_STOPRUNRESPONSE']._serialized_start=1992
+  _globals['_STOPRUNRESPONSE']._serialized_end=2036
+  _globals['_WATCHRUNREQUEST']._serialized_start=2038
+  _globals['_WATCHRUNREQUEST']._serialized_end=2090
+  _globals['_RUNEVENT']._serialized_start=2093
+  _globals['_RUNEVENT']._serialized_end=2247
+  _globals['_WATCHRUNRESPONSE']._serialized_start=2249
+  _globals['_WATCHRUNRESPONSE']._serialized_end=2354
+  _globals['_TRAINERSERVICE']._serialized_start=2874
+  _globals['_TRAINERSERVICE']._serialized_end=3143
 # @@protoc_insertion_point(module_scope)

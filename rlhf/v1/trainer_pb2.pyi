@@ -56,7 +56,7 @@ RUN_EVENT_KIND_CHECKPOINT_SAVED: RunEventKind
 RUN_EVENT_KIND_WAITING: RunEventKind
 
 class RunConfig(_message.Message):
-    __slots__ = ("algorithm", "model", "init_adapter", "prompts_path", "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature", "learning_rate", "ppo_epochs", "minibatch_size", "clip_range", "clip_range_value", "gamma", "lam", "kl_coef", "target_kl", "kl_estimator", "lora_rank", "lora_alpha", "target_modules", "max_staleness", "seed", "checkpoint_every", "adapter_name", "push_quorum")
+    __slots__ = ("algorithm", "model", "init_adapter", "prompts_path", "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature", "learning_rate", "ppo_epochs", "minibatch_size", "clip_range", "clip_range_value", "gamma", "lam", "kl_coef", "target_kl", "kl_estimator", "lora_rank", "lora_alpha", "target_modules", "max_staleness", "seed", "checkpoint_every", "adapter_name", "push_quorum", "device", "compute_dtype", "micro_batch_size", "gradient_checkpointing")
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INIT_ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,10 @@ class RunConfig(_message.Message):
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     PUSH_QUORUM_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     algorithm: Algorithm
     model: str
     init_adapter: str
@@ -111,10 +115,14 @@ class RunConfig(_message.Message):
     checkpoint_every: int
     adapter_name: str
     push_quorum: float
-    def __init__(self, algorithm: _Optional[_Union[Algorithm, str]] = ..., model: _Optional[str] = ..., init_adapter: _Optional[str] = ..., prompts_path: _Optional[str] = ..., steps: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., samples_per_prompt: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., learning_rate: _Optional[float] = ..., ppo_epochs: _Optional[int] = ..., minibatch_size: _Optional[int] = ..., clip_range: _Optional[float] = ..., clip_range_value: _Optional[float] = ..., gamma: _Optional[float] = ..., lam: _Optional[float] = ..., kl_coef: _Optional[float] = ..., target_kl: _Optional[float] = ..., kl_estimator: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_staleness: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., adapter_name: _Optional[str] = ..., push_quorum: _Optional[float] = ...) -> None: ...
+    device: str
+    compute_dtype: str
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    def __init__(self, algorithm: _Optional[_Union[Algorithm, str]] = ..., model: _Optional[str] = ..., init_adapter: _Optional[str] = ..., prompts_path: _Optional[str] = ..., steps: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., samples_per_prompt: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., learning_rate: _Optional[float] = ..., ppo_epochs: _Optional[int] = ..., minibatch_size: _Optional[int] = ..., clip_range: _Optional[float] = ..., clip_range_value: _Optional[float] = ..., gamma: _Optional[float] = ..., lam: _Optional[float] = ..., kl_coef: _Optional[float] = ..., target_kl: _Optional[float] = ..., kl_estimator: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_staleness: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., adapter_name: _Optional[str] = ..., push_quorum: _Optional[float] = ..., device: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., micro_batch_size: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ...) -> None: ...
 
 class StepMetrics(_message.Message):
-    __slots__ = ("step", "reward_mean", "reward_std", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "logprob_mismatch", "staleness", "samples_per_second", "generate_seconds", "score_seconds", "train_seconds", "push_seconds", "adapter_version", "kl_coef", "step_seconds")
+    __slots__ = ("step", "reward_mean", "reward_std", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "logprob_mismatch", "staleness", "samples_per_second", "generate_seconds", "score_seconds", "train_seconds", "push_seconds", "adapter_version", "kl_coef", "step_seconds", "peak_memory_gb")
     STEP_FIELD_NUMBER: _ClassVar[int]
     REWARD_MEAN_FIELD_NUMBER: _ClassVar[int]
     REWARD_STD_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +142,7 @@ class StepMetrics(_message.Message):
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     KL_COEF_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
     step: int
     reward_mean: float
     reward_std: float
@@ -153,7 +162,8 @@ class StepMetrics(_message.Message):
     adapter_version: int
     kl_coef: float
     step_seconds: float
-    def __init__(self, step: _Optional[int] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., kl: _Optional[float] = ..., entropy: _Optional[float] = ..., policy_loss: _Optional[float] = ..., value_loss: _Optional[float] = ..., clipfrac: _Optional[float] = ..., approx_kl: _Optional[float] = ..., logprob_mismatch: _Optional[float] = ..., staleness: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., generate_seconds: _Optional[float] = ..., score_seconds: _Optional[float] = ..., train_seconds: _Optional[float] = ..., push_seconds: _Optional[float] = ..., adapter_version: _Optional[int] = ..., kl_coef: _Optional[float] = ..., step_seconds: _Optional[float] = ...) -> None: ...
+    peak_memory_gb: float
+    def __init__(self, step: _Optional[int] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., kl: _Optional[float] = ..., entropy: _Optional[float] = ..., policy_loss: _Optional[float] = ..., value_loss: _Optional[float] = ..., clipfrac: _Optional[float] = ..., approx_kl: _Optional[float] = ..., logprob_mismatch: _Optional[float] = ..., staleness: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., generate_seconds: _Optional[float] = ..., score_seconds: _Optional[float] = ..., train_seconds: _Optional[float] = ..., push_seconds: _Optional[float] = ..., adapter_version: _Optional[int] = ..., kl_coef: _Optional[float] = ..., step_seconds: _Optional[float] = ..., peak_memory_gb: _Optional[float] = ...) -> None: ...
 
 class Run(_message.Message):
     __slots__ = ("run_id", "state", "config", "step", "adapter_version", "last_metrics", "message", "out_dir", "created_at", "updated_at")

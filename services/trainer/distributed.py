@@ -2,6 +2,11 @@
 group on CPU with gloo): who does what, and the few collectives the stages use.
 
     torchrun --nproc-per-node 2 -m rlhf.cli train ppo --config run.yaml
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+        -m rlhf.cli train ppo --config run.yaml      (the same command on every node)
+
+On CUDA each rank computes on cuda:$LOCAL_RANK and the ranks talk over NCCL; on CPU over gloo
+(`resolve_device`, `backend_for`).
 
 Every rank holds the same model and optimizer and sees the same global batch. `World.backward` is
 the one data-parallel backward pass of every stage: each rank computes the forward/backward of
@@ -24,6 +29,7 @@ helper computes on the whole batch and returns its input unchanged.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +37,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from rlhf.plumbing.config import ConfigError
+
+DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,7 @@ class World:
         """[n, ...]: every rank's `local` rows ([len(rows), ...], for the global `rows` it owns)
         put together on every rank. Each row is written by exactly one rank and the rest add
         zeros, so the result is exact."""
-        if self.size == 1:
+        if self.size == 1 and len(rows) == n:
             return local
         full = torch.zeros((n, *local.shape[1:]), dtype=local.dtype, device=local.device)
         if len(rows):
@@ -106,7 +116,8 @@ class World:
     def backward(self, params: Sequence[torch.nn.Parameter], n: int,
                  weight: Callable[[list[int]], float],
                  step: Callable[[list[int], float], dict[str, float]],
-                 figures: Sequence[str] = ()) -> tuple[float, dict[str, float]]:
+                 figures: Sequence[str] = (), lockstep: bool = False
+                 ) -> tuple[float, dict[str, float]]:
         """One data-parallel backward pass over an n-row global batch.
 
         `weight(rows)` is the rows' part of the loss denominator (their target tokens, or their
@@ -115,13 +126,17 @@ class World:
         weight, and returns the `figures` named, as means over those rows. The gradients are then
         summed over the ranks. Returns (the batch's weight, each figure: every rank's value times
         its share, summed over the ranks), the same on every rank: the gradients and figures of
-        one process on the whole batch. A batch of weight 0 computes nothing."""
+        one process on the whole batch. A batch of weight 0 computes nothing.
+
+        `lockstep`: `step` runs on every rank, also one with no rows or no weight (it is then
+        given scale 0), for a model whose forward pass is itself a collective (a sharded base)."""
         total = float(weight(list(range(n))))
         if total == 0:
             return 0.0, dict.fromkeys(figures, 0.0)
         mine = self.shard(n)
         share = float(weight(mine)) / total if mine else 0.0
-        local = step(mine, share) if share > 0 else dict.fromkeys(figures, 0.0)
+        local = (step(mine, share) if share > 0 or lockstep
+                 else dict.fromkeys(figures, 0.0))
         if self.size == 1:
             return total, {k: local[k] for k in figures}
         self.all_reduce_grads(params)
@@ -152,6 +167,59 @@ def world() -> World:
         return World(dist.get_rank(), dist.get_world_size(),
                      int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     return World()
+
+
+def check_device(spec: str) -> str:
+    """`spec` (auto, cpu, cuda or cuda:N) if this machine has that device; a ValueError saying
+    why not otherwise (settings validation turns it into a ConfigError naming `device`)."""
+    spec = spec.strip().lower()
+    if not DEVICE_SPEC.match(spec):
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N, not {spec!r}")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"{spec!r} needs a CUDA GPU and this machine has none "
+                             "(torch.cuda.is_available() is false); use cpu or auto")
+        count = torch.cuda.device_count()
+        if ":" in spec and int(spec.split(":")[1]) >= count:
+            raise ValueError(f"{spec!r} does not exist: this machine has {count} CUDA "
+                             f"device(s), cuda:0 to cuda:{count - 1}")
+    return spec
+
+
+def resolve_device(spec: str, world_: World | None = None) -> torch.device:
+    """The device this rank computes on: `auto` is CUDA when available, else the CPU; `cuda` is
+    cuda:LOCAL_RANK (cuda:0 without torchrun). ConfigError naming `device` when the machine has
+    no such device, or when `cuda:N` pins every rank of a multi-rank run to one GPU."""
+    world_ = world_ or world()
+    try:
+        spec = check_device(spec)
+    except ValueError as exc:
+        raise ConfigError(f"device: {exc}") from None
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda":
+        index = world_.local_rank
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device: rank {world_.rank} has LOCAL_RANK {index} but this node "
+                              f"has {torch.cuda.device_count()} CUDA device(s); run at most that "
+                              "many ranks per node (torchrun --nproc-per-node)")
+        return torch.device("cuda", index)
+    if world_.size > 1:
+        raise ConfigError(f"device: {spec!r} would put all {world_.size} ranks on one GPU; under "
+                          "torchrun use cuda or auto (each rank takes cuda:LOCAL_RANK)")
+    return torch.device(spec)
+
+
+def backend_for(spec: str) -> str:
+    """The collectives' backend for a run on device `spec`: NCCL for CUDA, gloo for the CPU."""
+    try:
+        spec = check_device(spec)
+    except ValueError as exc:
+        raise ConfigError(f"device: {exc}") from None
+    cuda = spec.startswith("cuda") or (spec == "auto" and torch.cuda.is_available())
+    return "nccl" if cuda else "gloo"
 
 
 def launched_by_torchrun() -> bool:

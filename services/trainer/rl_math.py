@@ -128,6 +128,31 @@ def approx_kl(kind: str, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Te
     raise ValueError(f"unknown KL estimator {kind!r}; expected one of {', '.join(KL_KINDS)}")
 
 
+def last_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards [B, T] that are 0 except the sequence's score on its last valid token
+    (PPO's rewards without a KL penalty).
+
+    scores: [B]; mask: [B, T]. Every row needs at least one valid token (a response of 0 tokens
+    has nowhere to put its score).
+    Source: TRL `PPOTrainer` (the score added at the last non-padded position).
+    """
+    if scores.dim() != 1 or scores.shape[0] != mask.shape[0]:
+        raise ValueError(f"scores must have shape [{mask.shape[0]}], got {list(scores.shape)}")
+    valid = mask.to(torch.bool)  # [B, T]
+    empty = ~valid.any(dim=1)
+    if empty.any():
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(f"rows {rows} have no valid response token to carry their score")
+    dtype = scores.dtype if scores.is_floating_point() else torch.float32
+    rewards = torch.zeros(mask.shape, dtype=dtype, device=mask.device)  # [B, T]
+    # Index of the last valid token in each row (works for any mask, not only right-padded):
+    # positions times the mask, argmax picks the largest valid position.
+    positions = torch.arange(mask.shape[1], device=mask.device)  # [T]
+    last = (positions * valid).argmax(dim=1)  # [B]
+    rows = torch.arange(mask.shape[0], device=mask.device)  # [B]
+    return rewards.index_put((rows, last), scores.to(dtype))
+
+
 def kl_shaped_rewards(
     scores: torch.Tensor,
     logp: torch.Tensor,
@@ -140,8 +165,9 @@ def kl_shaped_rewards(
     valid token.
 
     scores: [B] one reward-model score per sequence. logp, ref_logp, mask: [B, T].
-    Returns (rewards [B, T], kl [B, T]), both 0 outside the mask. Every row needs at least one
-    valid token (a response of 0 tokens has nowhere to put its score).
+    Returns (rewards [B, T], kl [B, T]), both 0 outside the mask: the caller reads its KL figures
+    from this `kl` rather than computing the estimator again. Every row needs at least one valid
+    token (a response of 0 tokens has nowhere to put its score).
     Source: Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", eq. 2;
     Ouyang et al. 2022 (InstructGPT) eq. 2; TRL `PPOTrainer` (`non_score_reward`, score added at
     the last non-padded position).
@@ -149,18 +175,8 @@ def kl_shaped_rewards(
     if scores.dim() != 1 or scores.shape[0] != logp.shape[0]:
         raise ValueError(f"scores must have shape [{logp.shape[0]}], got {list(scores.shape)}")
     valid = mask.to(torch.bool)  # [B, T]
-    empty = ~valid.any(dim=1)
-    if empty.any():
-        rows = empty.nonzero().flatten().tolist()
-        raise ValueError(f"rows {rows} have no valid response token to carry their score")
     kl = approx_kl(kind, logp, ref_logp) * valid.to(logp.dtype)  # [B, T]
-    rewards = -kl_coef * kl  # [B, T]
-    # Index of the last valid token in each row (works for any mask, not only right-padded):
-    # positions times the mask, argmax picks the largest valid position.
-    positions = torch.arange(mask.shape[1], device=mask.device)  # [T]
-    last = (positions * valid).argmax(dim=1)  # [B]
-    rows = torch.arange(mask.shape[0], device=mask.device)  # [B]
-    rewards = rewards.index_put((rows, last), scores.to(rewards.dtype), accumulate=True)
+    rewards = -kl_coef * kl + last_token_rewards(scores.to(logp.dtype), mask)  # [B, T]
     return rewards, kl
 
 
@@ -493,6 +509,7 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "kl_shaped_rewards",
+    "last_token_rewards",
     "logprobs_from_logits",
     "masked_mean",
     "masked_var",

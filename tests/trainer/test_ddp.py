@@ -1,4 +1,5 @@
-"""Data-parallel training: 2 gloo ranks on CPU against 1 process.
+"""Data-parallel training: 2 gloo ranks on CPU against 1 process (device: cpu, also on a machine
+with CUDA; tests/trainer/test_devices.py covers the devices).
 
 - The learner's update: a PPO / GRPO step on a fixed global batch of rollouts (no services
   needed), run by one process and by 2 ranks that each compute half of the rows, gives the same
@@ -43,7 +44,7 @@ def _settings(model_dir: Path, root: Path, algo: str, samples_per_prompt: int):
         None, model=model_dir, prompts=prompts, out=root / "run", algo=algo,
         policy_addr=["127.0.0.1:1"], reward_addr=["127.0.0.1:1"],  # never called by _update
         samples_per_prompt=samples_per_prompt, ppo_epochs=2, minibatch_size=4,
-        learning_rate=1e-3, kl_coef=0.1, lora_rank=4, seed=7,
+        learning_rate=1e-3, kl_coef=0.1, lora_rank=4, seed=7, device="cpu",
     )
 
 
@@ -68,7 +69,8 @@ def _rollouts(n_prompts: int, per_prompt: int, seed: int = 0):
 def _trained(learner) -> dict[str, torch.Tensor]:
     """The weights the learner trains (policy LoRA; for PPO also critic LoRA and value head)."""
     ids = {id(p) for p in learner.model.trainable_parameters()}
-    return {n: p.detach().clone() for n, p in learner.model.named_parameters() if id(p) in ids}
+    return {n: p.detach().cpu().clone() for n, p in learner.model.named_parameters()
+            if id(p) in ids}
 
 
 def _rank(rank: int, size: int, port: int, settings, samples, out: Path) -> None:
@@ -79,6 +81,10 @@ def _rank(rank: int, size: int, port: int, settings, samples, out: Path) -> None
     from services.trainer.ppo.learner import Learner
 
     torch.set_num_threads(1)
+    backend = "gloo"
+    if settings.device == "cuda":  # as torchrun would: rank r on cuda:r, NCCL
+        torch.cuda.set_device(rank)
+        backend = "nccl"
     if rank == 0:
         single = Learner(settings, world_=World())
         single._build()
@@ -88,7 +94,7 @@ def _rank(rank: int, size: int, port: int, settings, samples, out: Path) -> None
         torch.save({"before": before, "after": _trained(single), "stats": stats},
                    out / "single.pt")
         del single
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=size)
     try:
         learner = Learner(settings, world_=world())
@@ -107,13 +113,17 @@ def _rank(rank: int, size: int, port: int, settings, samples, out: Path) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL across 2 ranks needs 2 CUDA devices"))])
 @pytest.mark.parametrize(("algo", "n_prompts", "per_prompt"),
                          [("ppo", 5, 1), ("grpo", 3, 2)])
 def test_two_ranks_make_the_same_update_as_one_process(tiny_model_dir, tmp_path, algo,
-                                                       n_prompts, per_prompt):
+                                                       n_prompts, per_prompt, device):
     import torch.multiprocessing as mp
 
-    settings = _settings(tiny_model_dir, tmp_path, algo, per_prompt)
+    # On CUDA in float32: the tolerance is about summation order, not bfloat16 rounding.
+    settings = _settings(tiny_model_dir, tmp_path, algo, per_prompt).model_copy(
+        update={"device": device, "compute_dtype": "float32"})
     samples = _rollouts(n_prompts, per_prompt)  # 5 or 6 rows: uneven or even shards
     mp.start_processes(_rank, args=(2, free_port(), settings, samples, tmp_path), nprocs=2,
                        join=True, start_method="spawn")
@@ -190,7 +200,7 @@ async def test_torchrun_two_ranks_run_the_command_and_match_one_process(policy_l
             "out": str(tmp_path / name), "policy_addr": [policy_lora.addr],
             "reward_addr": [f"127.0.0.1:{reward.port}"], "adapter_name": f"ddp-{name}",
             "steps": steps, "prompts_per_step": 4, "samples_per_prompt": 2,
-            "max_new_tokens": 8, "learning_rate": 1e-3, "seed": 5}))
+            "max_new_tokens": 8, "learning_rate": 1e-3, "seed": 5, "device": "cpu"}))
         return path
 
     try:

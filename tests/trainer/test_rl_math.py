@@ -154,6 +154,19 @@ def test_kl_shaped_rewards_put_the_score_on_the_last_token():
         pm.kl_shaped_rewards(scores, logp, ref_logp, torch.tensor([[1, 0, 0], [0, 0, 0]]), 0.1)
 
 
+def test_last_token_rewards_are_the_kl_free_shaped_rewards():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    scores = torch.tensor([5.0, -1.0, 2.0])
+    rewards = pm.last_token_rewards(scores, mask)
+    torch.testing.assert_close(
+        rewards, torch.tensor([[0.0, 5.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]))
+    logp = torch.randn(3, 3)
+    shaped, _ = pm.kl_shaped_rewards(scores, logp, logp + 0.3, mask, kl_coef=0.0)
+    assert torch.equal(shaped, rewards)
+    with pytest.raises(ValueError, match="no valid response token"):
+        pm.last_token_rewards(scores, torch.tensor([[1, 0, 0], [0, 0, 0], [1, 1, 1]]))
+
+
 # --------------------------------------------------------------------------------------------
 # KL controllers
 # --------------------------------------------------------------------------------------------

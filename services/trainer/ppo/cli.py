@@ -1,8 +1,10 @@
 """`rlhf train ppo`: the learner as a batch job, with a live progress bar.
 
-Data parallel on one node: `torchrun --nproc-per-node N -m rlhf.cli train ppo ...` (gloo; the
-learner computes on CPU). Rank 0 talks to the services, writes the run folder and shows progress;
-the other ranks share the forward and backward passes (see services/trainer/distributed.py).
+Data parallel: `torchrun --nproc-per-node N -m rlhf.cli train ppo ...` on one node, the same with
+`--nnodes M` and a rendezvous endpoint on several (NCCL and cuda:$LOCAL_RANK on GPUs, gloo on the
+CPU; `--shard-base` shards the frozen base across the ranks). Rank 0 talks to the services, writes
+the run folder and shows progress; the other ranks share the forward and backward passes (see
+services/trainer/distributed.py).
 Flags override the keys of `--config` (a YAML of PPOSettings keys), which override the defaults.
 """
 
@@ -29,8 +31,9 @@ def _progress_hooks(total: int, start: int):
 
     def on_metrics(m: dict) -> None:
         bar.update(1)
-        bar.set_postfix(reward=f"{m['reward/mean']:.3f}", kl=f"{m['kl/ref']:.3f}",
-                        v=m["adapter/version"], refresh=True)
+        kl = {"kl": f"{m['kl/ref']:.3f}"} if "kl/ref" in m else {}  # no reference pass: none
+        bar.set_postfix(reward=f"{m['reward/mean']:.3f}", **kl, v=m["adapter/version"],
+                        refresh=True)
 
     def on_state(state: str, message: str) -> None:
         bar.set_description("ppo (waiting)" if state == "waiting" else "ppo")
@@ -68,11 +71,15 @@ def _flag(name: str, *decls: str, **kwargs):
 @_flag("checkpoint_every")
 @_flag("seed")
 @_flag("admin_token", envvar="RLHF_POLICY_ADMIN_TOKEN")
+@_flag("device")
 @_flag("compute_dtype")
+@_flag("micro_batch_size")
+@_flag("gradient_checkpointing")
+@_flag("shard_base")
 @_flag("cpu_cores")
 def train_ppo(config_file, **flags) -> None:
     from services.trainer.data import DataError
-    from services.trainer.distributed import process_group
+    from services.trainer.distributed import backend_for, process_group
     from services.trainer.ppo.checkpoint import latest, step_of
     from services.trainer.ppo.learner import Learner
 
@@ -87,7 +94,11 @@ def train_ppo(config_file, **flags) -> None:
     # pushes, which may include waiting out an unavailable service: allow for that.
     timeout = timedelta(seconds=max(1800.0, 4 * (settings.retry_max_seconds
                                                  + settings.rpc_timeout_seconds)))
-    with process_group("gloo", timeout) as world:
+    try:
+        backend = backend_for(settings.device)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    with process_group(backend, timeout) as world:
         bar = None
         try:
             hooks = None

@@ -8,6 +8,9 @@ With max_staleness >= 1, generation for step k+1 starts before step k trains (on
 version then served), so the two overlap; each rollout carries the version that produced it, and
 rollouts more than max_staleness versions behind are thrown away and regenerated.
 
+The model, batches, losses and advantages live on `settings.device` (CUDA when available with the
+default `auto`; under torchrun each rank takes cuda:$LOCAL_RANK).
+
 Under torchrun (services/trainer/distributed.py) rank 0 alone talks to the services: it generates
 and scores the whole global batch, sends it to the other ranks, and alone writes checkpoints and
 metrics and pushes adapters. Every rank computes the forward and backward passes of its share of
@@ -33,7 +36,7 @@ from rlhf.plumbing.cpus import parse_cpu_list, pin_process
 from services.trainer import rl_math
 from services.trainer.clients import Sample, Services
 from services.trainer.data import read_prompts
-from services.trainer.distributed import World, world
+from services.trainer.distributed import World, resolve_device, world
 from services.trainer.ppo import checkpoint
 from services.trainer.ppo.actor_critic import ActorCritic
 from services.trainer.ppo.settings import PPOSettings
@@ -91,6 +94,8 @@ class Learner:
         self.s = settings
         self.hooks = hooks or Hooks()
         self.world = world_ or world()
+        # A device this machine lacks is a ConfigError now, not a CUDA error mid-run.
+        self.device = resolve_device(settings.device, self.world)
         self.out = Path(settings.out)
         self.prompts = read_prompts(settings.prompts)
         self.stop_requested = False
@@ -115,8 +120,12 @@ class Learner:
         self.model = ActorCritic(s.resolved_model(), lora_rank=s.lora_rank,
                                  lora_alpha=s.lora_alpha, target_modules=s.target_modules,
                                  with_critic=s.algo == "ppo", init_adapter=s.init_adapter,
-                                 compute_dtype=s.compute_dtype)
+                                 compute_dtype=s.compute_dtype, device=self.device,
+                                 gradient_checkpointing=s.gradient_checkpointing,
+                                 shard_base=s.shard_base)
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=s.learning_rate)
+        # The KL coefficient is a Python float: it is read on the host to scale the penalty,
+        # whatever the device.
         self.kl_ctl = (rl_math.AdaptiveKLController(s.kl_coef, s.target_kl, s.kl_horizon)
                        if s.target_kl else rl_math.FixedKLController(s.kl_coef))
         self.update = Update(s, self.model, self.optimizer, self.kl_ctl, self.world)
@@ -124,7 +133,7 @@ class Learner:
     def _resume(self) -> Path | None:
         # Rank 0 picks the checkpoint and every rank loads that one (the run folder is on the
         # node's disk); then the weights are synchronised from rank 0, as DDP does at start.
-        latest = checkpoint.latest(self.out) if self.world.is_main else None
+        latest = checkpoint.pick(self.out) if self.world.is_main else None
         folder = self.world.broadcast_object(latest)
         if folder is not None:
             state = checkpoint.load(folder, model=self.model, optimizer=self.optimizer)
@@ -141,13 +150,13 @@ class Learner:
 
     def _rewrite_metrics(self, last: dict | None) -> None:
         """metrics.jsonl keeps exactly one line per checkpointed step: lines past the checkpoint
-        (a step that was not saved) go, and the checkpoint's own line comes back if missing."""
+        (a step that was not saved) go, and the checkpoint's own line comes back if missing. A
+        torn line (a crash mid-append) is dropped with a warning."""
         path = self.out / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.step]
-        if last is not None and not any(json.loads(ln)["step"] == self.step for ln in kept):
-            kept.append(json.dumps(last))
-        atomic_write(path, "".join(ln + "\n" for ln in kept))
+        kept = [row for row in checkpoint.metrics_rows(path) if row["step"] <= self.step]
+        if last is not None and not any(row["step"] == self.step for row in kept):
+            kept.append(last)
+        atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept))
 
     # ------------------------------------------------------------------ the loop
 

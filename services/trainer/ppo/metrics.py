@@ -28,9 +28,12 @@ PROTO_FIELDS = {
     "time/push": "push_seconds",
     "time/step": "step_seconds",
     "throughput/samples_per_s": "samples_per_second",
+    "memory/peak_gb": "peak_memory_gb",    # CUDA max allocated, or the process's peak RSS
 }
-# In metrics.jsonl only (no wire field): mean completion length in tokens.
-FILE_ONLY = ("policy/response_length",)
+# In metrics.jsonl only (no wire field): mean completion length in tokens, and the passes of the
+# step by kind, in whole-batch units (services/trainer/ppo/update.py).
+FILE_ONLY = ("policy/response_length", "passes/forward_policy", "passes/forward_ref",
+             "passes/forward_value", "passes/backward_policy", "passes/backward_value")
 
 _GAUGED = {"reward/mean", "kl/ref", "step", "adapter/version"}  # gauges of their own
 _PHASES = ("generate", "score", "train", "push")
@@ -59,9 +62,10 @@ class TrainerMetrics:
         self.step.set(metrics["step"])
         self.version.set(metrics["adapter/version"])
         self.reward.set(metrics["reward/mean"])
-        self.kl.set(metrics["kl/ref"])
+        if "kl/ref" in metrics:  # absent when no KL coefficient needs the reference pass
+            self.kl.set(metrics["kl/ref"])
         for key, field in PROTO_FIELDS.items():
-            if key not in _GAUGED and not key.startswith("time/"):
+            if key not in _GAUGED and not key.startswith("time/") and key in metrics:
                 self.figure.labels(field).set(metrics[key])
         for phase in _PHASES:
             self.phase.labels(phase).set(metrics[f"time/{phase}"])
