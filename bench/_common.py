@@ -77,7 +77,7 @@ async def start_policy(mode: str = "lora", dtype: str = "bfloat16", **overrides)
         grpc_port=0, metrics_port=0, model=default_model(),
         data_dir=Path(tempfile.mkdtemp(prefix=f"data-{mode}-", dir=_TMP)),
         dtype=dtype, adapter_mode=mode, max_model_len=1024, kv_cache_gib=2.0, max_num_seqs=128,
-        max_pending_sequences=4096, **overrides,
+        max_pending_sequences=4096, insecure_no_auth=True, **overrides,
     )
     server = await GrpcServer(cfg, PolicyApp(cfg)).start()
     return server, grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")

@@ -1,5 +1,9 @@
 """Writes that are never seen half-done: one file (`atomic_write`) or a whole folder (`atomic_dir`),
-and a cross-process lock for writers of one target (`dir_lock`)."""
+and a cross-process lock for writers of one target (`dir_lock`).
+
+Both write to a temp path, fsync what they wrote, rename it into place and fsync the parent
+folder, so after they return the new content survives a power loss, and a crash before that
+leaves the old content (and at most a hidden temp path)."""
 
 from __future__ import annotations
 
@@ -40,7 +44,9 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     try:
         yield tmp
         _make_readable(tmp)
+        _fsync_tree(tmp)
         _swap_in(tmp, target)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -54,6 +60,29 @@ def _make_readable(folder: Path) -> None:
             os.chmod(path, 0o644)
         elif path.is_dir() and not path.is_symlink():
             os.chmod(path, 0o755)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Makes the names in `folder` (a rename into it, a new file) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    # Writers such as torch.save and safetensors don't fsync; the rename must not be durable
+    # before the bytes it names.
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for sub in [*(p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()), folder]:
+        fsync_dir(sub)
 
 
 def _swap_in(new: Path, target: Path) -> None:
@@ -84,6 +113,7 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)  # the umask may have narrowed it at creation
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -23,6 +23,7 @@ from rlhf.plumbing.channel import endpoints, make_channel, target_for
 from rlhf.plumbing.config import ClientTLS
 from rlhf.plumbing.interceptors import REQUEST_ID_KEY
 from rlhf.plumbing.logs import current_request_id
+from rlhf.plumbing.tls import tls_for_endpoint
 
 log = logging.getLogger("rlhf.clients")
 
@@ -101,7 +102,8 @@ class ServiceClient:
 
     def open_channel(self, endpoint: str) -> grpc.aio.Channel:
         """A new channel to one replica only (same TLS and limits); the caller closes it."""
-        return make_channel(endpoint, self.tls, self._max_message_bytes)
+        return make_channel(endpoint, tls_for_endpoint(self.tls, self.addrs),
+                            self._max_message_bytes)
 
     def stub_to(self, endpoint: str) -> Any:
         """A stub on a channel to one replica only, opened once and closed by close()."""

@@ -204,6 +204,56 @@ class ServiceConfig(Settings):
     drain_grace_seconds: float = Field(30.0, ge=0)
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     tls: ServerTLS = Field(default_factory=ServerTLS)
+    # Server bounds (rlhf.plumbing.limits). Larger requests are refused with RESOURCE_EXHAUSTED;
+    # 0 means the service's own default (`default_receive_bytes`), sized to its largest RPC.
+    max_receive_bytes: int = Field(0, ge=0, description="Largest request message accepted "
+                                   "(0: sized to this service's largest RPC).")
+    max_concurrent_rpcs: int = Field(256, ge=1, description="Calls served at once; more are "
+                                     "refused with RESOURCE_EXHAUSTED (health is exempt).")
+    max_streams_per_connection: int = Field(256, ge=1, description="HTTP/2 concurrent streams "
+                                            "one client connection may open.")
+    # Our clients ping every 30 s while a call runs (rlhf.plumbing.channel): the minimum must
+    # stay below that, or the server would close their connections for too many pings.
+    keepalive_min_interval_seconds: float = Field(
+        20.0, gt=0, description="Pings closer together than this (without data) are strikes.")
+    keepalive_permit_without_calls: bool = Field(
+        True, description="Accept keepalive pings on a connection with no call running.")
+    max_connection_age_seconds: float = Field(
+        1800.0, gt=0, description="Connections are closed after this; clients reconnect (and "
+        "spread over replicas again).")
+    max_connection_age_grace_seconds: float = Field(
+        0.0, ge=0, description="Time the calls of an aged connection get to finish (0: as long "
+        "as the longest call may run, so an aged connection cuts no call short).")
+    max_call_seconds: float = Field(
+        900.0, ge=0, description="Longest a unary or client-streaming call may run (0: no bound).")
+    max_stream_seconds: float = Field(
+        86400.0, ge=0, description="Longest a server-streaming call may run (0: no bound).")
+    stream_send_timeout_seconds: float = Field(
+        30.0, gt=0, description="A streaming call whose client takes no message for this long "
+        "is ended, releasing what it holds.")
+
+    def default_receive_bytes(self) -> int:
+        """The receive bound when max_receive_bytes is 0; services size it to their RPCs."""
+        return 4 * 1024 * 1024
+
+    def server_limits(self):
+        from rlhf.plumbing.limits import ServerLimits
+
+        return ServerLimits(
+            max_receive_bytes=self.max_receive_bytes or self.default_receive_bytes(),
+            max_send_bytes=self.max_message_bytes,
+            max_concurrent_rpcs=self.max_concurrent_rpcs,
+            max_streams_per_connection=self.max_streams_per_connection,
+            keepalive_min_interval_seconds=self.keepalive_min_interval_seconds,
+            keepalive_permit_without_calls=self.keepalive_permit_without_calls,
+            max_connection_age_seconds=self.max_connection_age_seconds,
+            max_connection_age_grace_seconds=(
+                self.max_connection_age_grace_seconds
+                or max(self.max_call_seconds, self.max_stream_seconds) or 24 * 3600.0),
+            max_call_seconds=self.max_call_seconds,
+            max_stream_seconds=self.max_stream_seconds,
+            stream_send_timeout_seconds=self.stream_send_timeout_seconds,
+        )
 
 
 def _describe(exc: ValidationError, cls: type[Settings], source: str) -> str:
@@ -213,6 +263,8 @@ def _describe(exc: ValidationError, cls: type[Settings], source: str) -> str:
         env = cls.env_prefix() + key.replace(".", "__").upper()
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown config key {key!r}")
+        elif "token" in key:  # a secret: the message never repeats the value
+            lines.append(f"{key}: {err['msg']} (env {env})")
         else:
             lines.append(f"{key}: {err['msg']} (got {err.get('input')!r}; env {env})")
     return f"invalid {cls.service} configuration (from {source} / environment): " + "; ".join(lines)

@@ -3,7 +3,8 @@
 Lifecycle: bind and start (health says NOT_SERVING, so probes see a live but unready pod) ->
 `app.startup()` (e.g. load the model) -> SERVING -> wait for SIGTERM/SIGINT -> NOT_SERVING ->
 `drain_delay_seconds` (load balancers move away) -> refuse new calls and give in-flight ones
-`drain_grace_seconds` to finish -> `app.shutdown()`.
+`drain_grace_seconds` to finish -> `app.shutdown()`. Every server holds the bounds of
+rlhf.plumbing.limits (message sizes, concurrent calls, keepalive, call durations).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rlhf.plumbing.config import ServiceConfig
 from rlhf.plumbing.interceptors import ServiceInterceptor
+from rlhf.plumbing.limits import PROBE_HEADROOM, LimitsInterceptor, server_options
 from rlhf.plumbing.metrics import RpcMetrics, serve_metrics
 from rlhf.plumbing.tls import server_credentials
 
@@ -54,6 +56,7 @@ class GrpcServer:
         self.metrics_port: int | None = None
         self._metrics_server = None
         self._server: grpc.aio.Server | None = None
+        self.limits: LimitsInterceptor | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
         self.ready = False
@@ -63,14 +66,15 @@ class GrpcServer:
         If start-up fails the server is stopped and the error propagates."""
         cfg = self.config
         metrics = RpcMetrics.for_service(cfg.service) if cfg.metrics_enabled else None
+        limits = cfg.server_limits()
+        self.limits = LimitsInterceptor(limits)
         server = grpc.aio.server(
-            # The app's own (e.g. auth) run inside ours, so the RPC metrics count their refusals.
-            interceptors=[ServiceInterceptor(metrics), *getattr(self.app, "interceptors", ())],
-            options=[
-                ("grpc.max_send_message_length", cfg.max_message_bytes),
-                ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
+            # The bounds and the app's own (e.g. auth) run inside ours, so the RPC metrics count
+            # their refusals.
+            interceptors=[ServiceInterceptor(metrics), self.limits,
+                          *getattr(self.app, "interceptors", ())],
+            options=[*server_options(limits), ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs + PROBE_HEADROOM,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.app.register(server)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -43,3 +44,24 @@ def channel_credentials(tls: ClientTLS) -> grpc.ChannelCredentials | None:
         private_key=_read(tls.key_file, "client key"),
         certificate_chain=_read(tls.cert_file, "client certificate"),
     )
+
+
+def tls_for_endpoint(tls: ClientTLS | None, addrs: Sequence[str]) -> ClientTLS | None:
+    """The TLS to dial one replica that `addrs` resolved to. A `dns:///name:port` peer resolves
+    to pod IPs, which no certificate names: the replica is checked against `name`, the name its
+    certificate is issued for, unless `server_name_override` already says otherwise."""
+    if tls is None or not tls.enabled or tls.server_name_override:
+        return tls
+    names = {_dns_host(a) for a in addrs}
+    if len(names) != 1 or None in names:
+        return tls
+    return tls.model_copy(update={"server_name_override": names.pop()})
+
+
+def _dns_host(addr: str) -> str | None:
+    if not addr.startswith("dns:"):
+        return None
+    name = addr.split("dns:", 1)[1].lstrip("/")
+    if "/" in name:  # dns://authority/name form
+        name = name.split("/", 1)[1]
+    return name.rpartition(":")[0].strip("[]") or None

@@ -46,7 +46,7 @@ async def run_up(opts: UpOptions, console) -> int:
         took = time.monotonic() - stack.started
         console.print(f"\n[bold green]Stack ready[/bold green] in {took:.1f}s:\n"
                       f"{stack.urls_text()}\n  run dir    {stack.run_dir} "
-                      f"(stack.json, logs/, admin-token)\n", highlight=False)
+                      f"(stack.json, logs/, admin-token, trainer-token)\n", highlight=False)
         if stack.gateway_url:
             console.print(f"Try: curl -s {stack.gateway_url}/v1/best-of-n -H 'content-type: "
                           "application/json' -d '{\"messages\": [{\"role\": \"user\", "

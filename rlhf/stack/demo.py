@@ -72,7 +72,7 @@ async def run_demo(plan: DemoPlan, run_dir: Path, model: Path | None, console,
     from rlhf.paths import default_model_dir
     from rlhf.stack.demo_report import plot, rise, show_answer, summary_text
     from rlhf.stack.plan import UpOptions, merge_sections
-    from rlhf.stack.rundir import prepare, read_stack_config
+    from rlhf.stack.rundir import prepare, read_stack_config, trainer_token
     from rlhf.stack.supervisor import ServiceFailed, Stack
 
     started = time.monotonic()
@@ -124,7 +124,8 @@ async def run_demo(plan: DemoPlan, run_dir: Path, model: Path | None, console,
         console.rule("[bold]4. PPO through TrainerService")
         run_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
         t = time.monotonic()
-        rows = await race(train(stack.by_name["trainer"].addr, plan, console, run_id), watcher)
+        rows = await race(train(stack.by_name["trainer"].addr, plan, console, run_id,
+                                token=trainer_token(stack.run_dir)), watcher)
         timings["training_seconds"] = time.monotonic() - t
 
         console.rule("[bold]5. Best-of-n after training")

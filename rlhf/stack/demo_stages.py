@@ -152,8 +152,10 @@ def run_config(plan: DemoPlan):
     )
 
 
-async def train(trainer_addr: str, plan: DemoPlan, console, run_id: str) -> list[dict]:
-    """StartRun on the TrainerService and a live view of WatchRun; returns one dict per step."""
+async def train(trainer_addr: str, plan: DemoPlan, console, run_id: str,
+                token: str | None = None) -> list[dict]:
+    """StartRun on the TrainerService and a live view of WatchRun; returns one dict per step.
+    `token` is the trainer's admin token."""
     from google.protobuf.json_format import MessageToDict
     from rich.progress import (
         BarColumn,
@@ -174,7 +176,7 @@ async def train(trainer_addr: str, plan: DemoPlan, console, run_id: str) -> list
                    "v{task.fields[version]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console, disable=not console.is_terminal,
     )
-    async with TrainerClient(trainer_addr) as trainer:
+    async with TrainerClient(trainer_addr, token=token) as trainer:
         await trainer.start_run(run_config(plan), run_id, timeout=600)
         with progress:
             task = progress.add_task("ppo", total=plan.steps, state="starting", reward="-",

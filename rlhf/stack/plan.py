@@ -1,6 +1,6 @@
 """The plan of a local stack: which processes `rlhf up` starts, on which ports, with which flags,
 environment, log file and per-service config. Pure: it reads and writes nothing and starts
-nothing; `rlhf.stack.rundir` does the I/O around it (stack.yaml, model check, admin token, the
+nothing; `rlhf.stack.rundir` does the I/O around it (stack.yaml, model check, admin tokens, the
 files the plan lists).
 
 Each service gets its section of stack.yaml as its own `--config` file. The keys the stack owns
@@ -165,9 +165,10 @@ def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
 
 def build_plan(opts: UpOptions, sections: Mapping[str, Mapping], model: Path, token: str,
                ipc_root: Path, port: Callable[[], int] | None = None,
-               python: str = sys.executable) -> StackPlan:
+               python: str = sys.executable, trainer_token: str = "") -> StackPlan:
     """The processes to start and the files and folders they need. `sections` is the merged
-    stack config, `token` the policy's admin token, `port()` hands out free ports."""
+    stack config, `token` the policy's admin token, `trainer_token` the trainer's (needed when
+    the plan has a trainer), `port()` hands out free ports."""
     if port is None:
         taken: set[int] = set()
 
@@ -223,8 +224,11 @@ def build_plan(opts: UpOptions, sections: Mapping[str, Mapping], model: Path, to
         flags = ["--model", str(model), *peer_flags("trainer", peers)]
         if prompts is not None:
             flags += ["--prompts", str(prompts)]
+        if not trainer_token:
+            raise PlanError("a stack with a trainer needs the trainer's admin token")
         services.append(grpc_service("trainer", "trainer", flags,
-                                     {"RLHF_TRAINER_POLICY_ADMIN_TOKEN": token}))
+                                     {"RLHF_TRAINER_POLICY_ADMIN_TOKEN": token,
+                                      "RLHF_TRAINER_ADMIN_TOKEN": trainer_token}))
 
     if "gateway" not in opts.skip:
         gateway_port = opts.gateway_port or port()

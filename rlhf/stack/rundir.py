@@ -1,6 +1,6 @@
 """The run dir of a stack and the I/O around its plan: the stack config is read, the model folder
-checked, the policy's admin token made once per run dir, and the folders and files the plan lists
-written before anything starts."""
+checked, the policy's and the trainer's admin tokens made once per run dir, and the folders and
+files the plan lists written before anything starts."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from rlhf.stack.plan import (
     planned_model,
 )
 
-ADMIN_TOKEN_FILE = "admin-token"
+ADMIN_TOKEN_FILE = "admin-token"  # the policy's: adapter pushes
+TRAINER_TOKEN_FILE = "trainer-token"  # the trainer's: StartRun, StopRun and reads
 
 
 def default_run_dir(kind: str = "up") -> Path:
@@ -40,13 +41,18 @@ def read_stack_config(path: Path | None) -> dict[str, dict]:
     return check_sections(read_yaml_mapping(path, "stack config"), str(path))
 
 
-def admin_token(run_dir: Path) -> str:
-    """The policy's admin token of this run dir, so pushes come only from this stack's trainer;
-    the file is private from its first byte."""
-    path = run_dir / ADMIN_TOKEN_FILE
+def admin_token(run_dir: Path, name: str = ADMIN_TOKEN_FILE) -> str:
+    """An admin token of this run dir (the policy's by default, so pushes come only from this
+    stack's trainer), made once; the file is private from its first byte."""
+    path = run_dir / name
     if not path.exists():
         atomic_write(path, secrets.token_urlsafe(24), mode=0o600)
     return path.read_text().strip()
+
+
+def trainer_token(run_dir: Path) -> str:
+    """The trainer's admin token of this run dir: what `rlhf demo` and TrainerClient send."""
+    return admin_token(run_dir, TRAINER_TOKEN_FILE)
 
 
 def prepare(opts: UpOptions) -> StackPlan:
@@ -64,7 +70,8 @@ def prepare(opts: UpOptions) -> StackPlan:
     # go under /tmp rather than the run dir; the supervisor removes the folder when it stops.
     ipc_root = Path(tempfile.mkdtemp(prefix="rlhf-up-"))
     try:
-        plan = build_plan(opts, sections, model, token, ipc_root)
+        plan = build_plan(opts, sections, model, token, ipc_root,
+                          trainer_token=trainer_token(opts.run_dir))
         write_plan(plan)
     except BaseException:
         shutil.rmtree(ipc_root, ignore_errors=True)

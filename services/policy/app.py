@@ -14,12 +14,12 @@ import logging
 
 import grpc
 
-from rlhf.plumbing.auth import AdminAuthInterceptor
+from rlhf.plumbing.auth import AdminAuthInterceptor, require_admin_token
 from rlhf.plumbing.command import service_command
 from rlhf.plumbing.errors import FailedPrecondition, Unavailable
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from services.policy.adapters import AdapterRegistry, make_registry
-from services.policy.adapters.checks import BaseShapes, PushLimits
+from services.policy.adapters.checks import BaseShapes, PushLimits, check_weights
 from services.policy.adapters.store import AdapterStore
 from services.policy.config import PolicyConfig
 from services.policy.engine import Engine
@@ -50,8 +50,10 @@ class _Deferred(policy_pb2_grpc.PolicyServiceServicer):
         return await self._target().Generate(request, context)
 
     async def GenerateStream(self, request, context):
-        async for chunk in self._target().GenerateStream(request, context):
-            yield chunk
+        # Closed with this one, so the call's clean-up runs as soon as the call ends.
+        async with contextlib.aclosing(self._target().GenerateStream(request, context)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def PushAdapter(self, request_iterator, context):
         return await self._target().PushAdapter(request_iterator, context)
@@ -79,10 +81,10 @@ class PolicyApp:
         self.ready = False
         self.report_health = None  # set by GrpcServer before startup()
         # Server interceptors the GrpcServer installs after its own.
-        self.interceptors = (
-            (AdminAuthInterceptor(config.admin_token, ADMIN_METHODS),) if config.admin_token
-            else ()
-        )
+        token = config.resolved_admin_token()
+        require_admin_token("policy", token, config.insecure_no_auth,
+                            f"{PolicyConfig.env_prefix()}ADMIN_TOKEN")
+        self.interceptors = (AdminAuthInterceptor(token, ADMIN_METHODS),) if token else ()
         self._resources: contextlib.AsyncExitStack | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -98,9 +100,6 @@ class PolicyApp:
                 f"model folder {model_dir} not found; run `rlhf model prepare` or set "
                 "RLHF_POLICY_MODEL"
             )
-        if not cfg.admin_token:
-            log.warning("no admin_token configured: anyone who reaches this port can push and "
-                        "activate adapters (set RLHF_POLICY_ADMIN_TOKEN)")
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         shapes = BaseShapes.from_model_dir(model_dir)
         if self.engine is None:
@@ -110,17 +109,24 @@ class PolicyApp:
         async with contextlib.AsyncExitStack() as stack:
             engine = await stack.enter_async_context(self.engine)
             registry = make_registry(cfg.adapter_mode, cfg.adapters_dir(), engine,
-                                     cfg.keep_versions, cfg.max_loaded_adapters, self.stats)
+                                     cfg.keep_versions, cfg.max_loaded_adapters, self.stats,
+                                     switch_timeout=cfg.switch_timeout_seconds)
             limits = PushLimits(base_model_id=cfg.resolved_base_model_id(),
-                                max_rank=cfg.max_lora_rank, max_bytes=cfg.max_adapter_bytes)
+                                max_rank=cfg.max_lora_rank, max_bytes=cfg.max_adapter_bytes,
+                                max_abs_value=cfg.max_adapter_abs_value,
+                                max_alpha=cfg.max_lora_alpha)
             store = AdapterStore(registry, limits, shapes, self.stats)
             store.clear_staging()
-            await registry.restore()
+            await registry.restore(
+                limits.base_model_id,
+                lambda folder: check_weights(folder, shapes, cfg.max_lora_rank),
+            )
             watch = asyncio.create_task(self._watch(engine))
             stack.push_async_callback(_cancel, watch)
             self.registry, self.store = registry, store
             self.servicer = PolicyServicer(cfg, engine, registry, store, tokenizer, self.stats,
                                            lambda: self.ready)
+            stack.callback(self.servicer.close)
             self._resources = stack.pop_all()  # kept open until shutdown()
         self.ready = True
 

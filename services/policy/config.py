@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlhf.paths import DEFAULT_MODEL_NAME
+from rlhf.plumbing.auth import token_from
 from rlhf.plumbing.config import ServiceConfig
 from rlhf.plumbing.cpus import CpuList
 
@@ -65,8 +66,30 @@ class PolicyConfig(ServiceConfig):
         1024, ge=1, description="Admission bound: sequences (prompts x n) in flight at once."
     )
     admin_token: str | None = Field(
-        None, description="Token PushAdapter/SetActiveAdapter need (unset: open, with a warning)."
+        None, repr=False, description="Token PushAdapter/SetActiveAdapter need."
     )
+    admin_token_file: Path | None = Field(
+        None, description="File holding admin_token (when that is unset)."
+    )
+    insecure_no_auth: bool = Field(
+        False, description="Start without an admin token: anyone who reaches the port can push "
+        "and activate adapters. For throwaway tests only."
+    )
+
+    switch_timeout_seconds: float = Field(
+        30.0, gt=0, description="merged mode: how long an adapter switch waits for requests "
+        "pinned to the outgoing version; then they are aborted (ABORTED) and the switch goes on.",
+    )
+    max_adapter_abs_value: float = Field(
+        1000.0, gt=0, description="Largest absolute value a pushed adapter tensor may hold.")
+    max_lora_alpha: float = Field(
+        4096.0, gt=0, description="Largest lora_alpha (and alpha_pattern value) accepted.")
+
+    def default_receive_bytes(self) -> int:
+        # The largest request is a full Generate: every prompt at the context length, at most
+        # 16 bytes of text or ids per token; pushes arrive in chunks of at most 4 MiB.
+        generate = self.max_prompts_per_request * self.max_model_len * 16
+        return max(generate, 4 * 1024 * 1024 + 64 * 1024)
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -80,6 +103,9 @@ class PolicyConfig(ServiceConfig):
 
     def resolved_base_model_id(self) -> str:
         return self.base_model_id or self.resolved_model().name
+
+    def resolved_admin_token(self) -> str | None:
+        return token_from(self.admin_token, self.admin_token_file, "the policy's admin token")
 
     def adapters_dir(self) -> Path:
         return self.data_dir / "policy" / "adapters"

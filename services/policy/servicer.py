@@ -5,7 +5,9 @@ auth is an interceptor (app.py). No vLLM types here (see engine.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -65,6 +67,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.stats = stats
         self.is_ready = is_ready
         self.admission = Admission(config.max_pending_sequences, stats)
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="policy-tokenize")
 
     @property
     def limits(self) -> Limits:
@@ -88,16 +91,24 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         now, switched = self.registry.finished_by(lease)
         return [final[i] for i in sorted(final)], (served_by(now) if switched else None)
 
-    def _prepare(self, prompts, params, single: bool = False):
-        limits = self.limits
-        sampling = sampling_from_proto(params, limits)
+    def _tokenize(self, prompts, sampling: Sampling, limits: Limits, single: bool):
         prepared = []
         for i, prompt in enumerate(prompts):
             where = "prompt" if single else f"prompts[{i}]"
             ids = prompt_token_ids(prompt, self.tokenizer, limits, where)
             max_tokens = max_tokens_for(sampling, len(ids), limits, where)
             prepared.append((ids, replace(sampling, max_tokens=max_tokens)))
-        return sampling, prepared
+        return prepared
+
+    async def _prepare(self, prompts, sampling: Sampling, single: bool = False):
+        """Each prompt's token ids and sampling. Tokenizing a long text takes a while: it runs
+        on the tokenizer's own thread, so the event loop goes on serving other calls."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenizing, self._tokenize, prompts, sampling, self.limits, single)
+
+    def close(self) -> None:
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     async def Generate(self, request, context):
         if not request.prompts:
@@ -107,11 +118,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 f"{len(request.prompts)} prompts; this server takes at most "
                 f"{self.config.max_prompts_per_request} per call"
             )
-        sampling, prepared = self._prepare(request.prompts, request.params)
+        sampling = sampling_from_proto(request.params, self.limits)
         target = parse_selector(request.adapter)
         rid = current_request_id()
         tag = uuid.uuid4().hex[:8]
-        with self.admission.admit(len(prepared) * sampling.n):
+        # Admitted before the prompts are tokenized: the bound holds for that work too.
+        with self.admission.admit(len(request.prompts) * sampling.n):
+            prepared = await self._prepare(request.prompts, sampling)
             async with self.registry.lease(target.kind, target.pinned, len(prepared)) as lease:
                 self.stats.prompt_tokens.inc(sum(len(ids) for ids, _ in prepared))
                 try:
@@ -148,27 +161,32 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     async def GenerateStream(self, request, context):
         if not request.HasField("prompt"):
             raise InvalidArgument("prompt is empty: set text, token_ids or chat")
-        sampling, [(ids, s)] = self._prepare([request.prompt], request.params, single=True)
+        sampling = sampling_from_proto(request.params, self.limits)
         target = parse_selector(request.adapter)
         rid = f"{current_request_id()}-{uuid.uuid4().hex[:8]}"
         generated = 0
         with self.admission.admit(sampling.n):
+            [(ids, s)] = await self._prepare([request.prompt], sampling, single=True)
             async with self.registry.lease(target.kind, target.pinned) as lease:
                 self.stats.prompt_tokens.inc(len(ids))
                 yield policy_pb2.GenerateStreamResponse(
                     served_by=served_by(lease.served), prompt_token_ids=ids
                 )
-                async for out in self.engine.generate(ids, s, rid, lease.handle, stream=True,
-                                                      on_submit=lease.submitted):
-                    for c in out.completions:
-                        if not c.token_ids and c.finish_reason is None:
-                            continue
-                        generated += len(c.token_ids)
-                        yield policy_pb2.GenerateStreamResponse(
-                            index=c.index, text_delta=c.text, token_ids=c.token_ids,
-                            logprobs=c.logprobs, top_logprobs=_top(c),
-                            finish_reason=FINISH.get(c.finish_reason), stop_string=c.stop_string,
-                        )
+                outputs = self.engine.generate(ids, s, rid, lease.handle, stream=True,
+                                               on_submit=lease.submitted)
+                # Closed here, also when the call ends early: the engine request ends with it.
+                async with contextlib.aclosing(outputs):
+                    async for out in outputs:
+                        for c in out.completions:
+                            if not c.token_ids and c.finish_reason is None:
+                                continue
+                            generated += len(c.token_ids)
+                            yield policy_pb2.GenerateStreamResponse(
+                                index=c.index, text_delta=c.text, token_ids=c.token_ids,
+                                logprobs=c.logprobs, top_logprobs=_top(c),
+                                finish_reason=FINISH.get(c.finish_reason),
+                                stop_string=c.stop_string,
+                            )
                 now, switched = self.registry.finished_by(lease)
         self.stats.generated_tokens.inc(generated)
         yield policy_pb2.GenerateStreamResponse(

@@ -50,6 +50,11 @@ class RewardConfig(ServiceConfig):
     )
     threads: int = Field(0, ge=0, description="Torch CPU threads (0: torch's default).")
 
+    def default_receive_bytes(self) -> int:
+        # A Score call of a full training batch (prompts, completions, references) with room;
+        # the texts' own bound is max_text_chars.
+        return 32 * 1024 * 1024
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:

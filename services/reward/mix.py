@@ -2,8 +2,8 @@
 returned, normalises where configured, and adds up weight * score per item.
 
 A scorer that raises, returns the wrong number of scores, or a non-finite one fails the call
-with INTERNAL and a message naming the scorer; nothing is cached or poisoned, so the next call
-runs normally.
+with INTERNAL and a message naming the scorer, as does a weighted sum that overflows; nothing is
+cached or poisoned, so the next call runs normally.
 """
 
 from __future__ import annotations
@@ -54,6 +54,21 @@ def check_scores(name: str, raw, n: int) -> list[float]:
     return values
 
 
+def weighted_sum(weights: list[float], parts: tuple[float, ...], item: int) -> float:
+    """sum(weight * part), or ScorerFailed when it is not a finite number (finite scores times
+    finite weights can still overflow to inf, which no trainer can learn from)."""
+    try:
+        total = math.fsum(w * p for w, p in zip(weights, parts, strict=True))
+    except (OverflowError, ValueError):  # fsum refuses inf - inf
+        total = math.nan
+    if not math.isfinite(total):
+        scores, factors = ", ".join(map(repr, parts)), ", ".join(map(repr, weights))
+        raise ScorerFailed(f"the weighted sum of item {item}'s scores ({scores}) with weights "
+                           f"({factors}) overflows; lower the weights or bound the scorers' "
+                           "outputs")
+    return total
+
+
 class Mix:
     def __init__(self, scorers: list[Scorer], norms: dict[str, RunningNorm], stats: RewardStats):
         self.scorers = scorers
@@ -73,9 +88,8 @@ class Mix:
             columns.append(norm(values) if norm is not None else values)
         weights = [s.weight for s in self.scorers]
         out = []
-        for parts in zip(*columns, strict=True):
-            total = math.fsum(w * p for w, p in zip(weights, parts, strict=True))
-            out.append(Scored(total, tuple(parts)))
+        for i, parts in enumerate(zip(*columns, strict=True)):
+            out.append(Scored(weighted_sum(weights, parts, i), tuple(parts)))
         return out
 
     async def _run(self, scorer: Scorer, items: list[Item]) -> list[float]:

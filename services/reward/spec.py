@@ -10,6 +10,8 @@ from urllib.parse import unquote
 from rlhf.plumbing.errors import FailedPrecondition
 
 KINDS = ("rm", "rule", "python")
+# Largest weight magnitude: far beyond any sensible mix, far below where weight * score overflows.
+MAX_WEIGHT = 1e6
 
 # The weight prefix is recognised only when it is a number followed by `*` and a known kind, so a
 # `*` inside a regex argument (rule:regex?pattern=a*b) is never taken for one.
@@ -42,6 +44,9 @@ def parse_spec(text: str) -> ScorerSpec:
             f"bad scorer spec {text!r}: unknown kind {kind!r} (one of {', '.join(KINDS)})"
         )
     weight = float(match["weight"]) if match["weight"] is not None else 1.0
+    if not abs(weight) <= MAX_WEIGHT:  # also catches "1e999", which float() reads as inf
+        raise FailedPrecondition(
+            f"bad scorer spec {text!r}: the weight must be a number within +-{MAX_WEIGHT:g}")
     return ScorerSpec(kind=kind, arg=match["arg"], weight=weight)
 
 

@@ -1,5 +1,9 @@
 """The trainer service: TrainerService (ppo/service.py) with the shared server plumbing;
-`rlhf serve trainer` and `python -m services.trainer`."""
+`rlhf serve trainer` and `python -m services.trainer`.
+
+StartRun and StopRun need the trainer's admin token; GetRun and WatchRun its read token or the
+admin token. Without an admin token the service refuses to start, unless `--insecure-no-auth`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import logging
 
 import grpc
 
+from rlhf.plumbing.auth import AdminAuthInterceptor, require_admin_token
 from rlhf.plumbing.command import service_command
 from rlhf.v1 import trainer_pb2_grpc
 from services.trainer.config import TrainerConfig
@@ -14,6 +19,10 @@ from services.trainer.ppo.runs import RunManager
 from services.trainer.ppo.service import SERVICE_NAME, TrainerServicer
 
 log = logging.getLogger("rlhf.trainer")
+# Calls that start or stop training (and so change what the policy serves): the admin token.
+ADMIN_METHODS = frozenset(f"/{SERVICE_NAME}/{m}" for m in ("StartRun", "StopRun"))
+# Calls that only read runs: the read token or the admin token.
+READ_METHODS = frozenset(f"/{SERVICE_NAME}/{m}" for m in ("GetRun", "WatchRun"))
 
 
 class TrainerApp:
@@ -21,6 +30,13 @@ class TrainerApp:
 
     def __init__(self, config: TrainerConfig):
         self.config = config
+        token = config.resolved_admin_token()
+        require_admin_token("trainer", token, config.insecure_no_auth,
+                            f"{TrainerConfig.env_prefix()}ADMIN_TOKEN")
+        self.interceptors = (
+            (AdminAuthInterceptor(token, ADMIN_METHODS, read_token=config.resolved_read_token(),
+                                  read_methods=READ_METHODS),) if token else ()
+        )
         self.manager = RunManager(config)
 
     def register(self, server: grpc.aio.Server) -> None:

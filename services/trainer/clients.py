@@ -6,20 +6,33 @@ never a crash; a push goes to every policy replica the address resolves to, each
 recorded and retried, and the step needs `push_quorum` of them to confirm. Rollouts pin the
 version they sample and are balanced over every replica; one that lacks the version (it refused
 that push) passes the call on to a replica that confirmed it.
+
+Answers are checked before the learner uses them (`check_generate`, `check_scores`): the counts
+asked for, token ids and logprobs of one length within max_new_tokens, finite values. A replica
+that breaks the contract fails the run with a BadAnswer naming its address and the call's request
+id (which finds the call in that replica's log), never with NaN weights or an IndexError later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.clients import Backoff, GaveUp, PolicyClient, PushResult, RewardClient
+from rlhf.clients import Backoff, GaveUp, PolicyClient, PushResult, RewardClient, check_addresses
 from rlhf.formats import chat_prompt, score_item, user_prompt
 from rlhf.plumbing.config import ClientTLS
 from rlhf.v1 import common_pb2, policy_pb2
 
-__all__ = ["GaveUp", "PushResult", "Sample", "Services", "prompt_message"]
+__all__ = ["BadAnswer", "GaveUp", "PushResult", "Sample", "Services", "check_generate",
+           "check_scores", "prompt_message"]
+# A logprob is <= 0; float32 rounding of the policy's log-softmax can land just above.
+LOGPROB_SLACK = 1e-3
+
+
+class BadAnswer(RuntimeError):
+    """A peer answered a call with something that breaks the contract."""
 
 
 @dataclass
@@ -45,6 +58,10 @@ class Services:
                  tls: ClientTLS | None = None, timeout: float = 300.0, retry_max: float = 600.0,
                  on_wait=None, on_recover=None):
         self.adapter_name = adapter_name
+        # Both address lists are checked before either client opens a channel, so a bad one
+        # leaves no channel open behind it.
+        check_addresses(policy_addr)
+        check_addresses(reward_addr)
         common = dict(timeout=timeout, backoff=Backoff(max_seconds=retry_max),
                       on_wait=on_wait, on_recover=on_recover)
         self.policy = PolicyClient(policy_addr, tls, **common)
@@ -77,6 +94,8 @@ class Services:
                 pinned=policy_pb2.AdapterRef(name=self.adapter_name, version=version)),
         )
         resp = await self.policy.generate(request)
+        check_generate(resp, len(records), n, max_tokens, version, self.adapter_name,
+                       f"policy at {self.policy.address}")
         samples = []
         for result in resp.results:
             served = result.served_by
@@ -98,7 +117,8 @@ class Services:
             # The reward service refuses an empty completion; a lone space scores as empty.
             items.append(score_item(s.completion_text or " ", prompt=record.prompt or "",
                                     messages=record.messages or (), reference=str(reference)))
-        return await self.reward.score(items)
+        response = await self.reward.score_response(items)
+        return check_scores(response, len(items), f"reward at {self.reward.address}")
 
     async def push(self, folder: Path, version: int, base_model_id: str, token: str | None,
                    quorum: float, attempts: int = 5) -> PushResult:
@@ -108,3 +128,53 @@ class Services:
         retry_max seconds, like every other call to a service."""
         return await self.policy.push(folder, self.adapter_name, version, base_model_id,
                                       token=token, quorum=quorum, attempts=attempts)
+
+
+def check_generate(resp: policy_pb2.GenerateResponse, prompts: int, n: int, max_tokens: int,
+                   version: int, adapter_name: str, peer: str) -> None:
+    """BadAnswer unless `resp` holds one result per prompt (each index once), `n` completions
+    each, token ids and finite logprobs of one length within `max_tokens`, from `version` of
+    the adapter or an older one."""
+    where = f"{peer} answered Generate (request id {resp.request_id or '-'}) with"
+    if len(resp.results) != prompts:
+        raise BadAnswer(f"{where} {len(resp.results)} results for {prompts} prompts")
+    seen = set()
+    for result in resp.results:
+        index = result.prompt_index
+        if index >= prompts or index in seen:
+            raise BadAnswer(f"{where} prompt_index {index} (out of range or repeated)")
+        seen.add(index)
+        if not result.prompt_token_ids:
+            raise BadAnswer(f"{where} no prompt token ids for prompt {index}")
+        served = result.served_by
+        served_version = 0 if served.base else served.adapter.version
+        if not served.base and (served.adapter.name != adapter_name or served_version > version):
+            raise BadAnswer(f"{where} prompt {index} served by {served.adapter.name}@v"
+                            f"{served_version}; asked for {adapter_name}@v{version}")
+        if len(result.completions) != n:
+            raise BadAnswer(f"{where} {len(result.completions)} completions for prompt {index}; "
+                            f"asked for {n}")
+        for c in result.completions:
+            what = f"prompt {index} completion {c.index}"
+            if len(c.token_ids) > max_tokens:
+                raise BadAnswer(f"{where} {len(c.token_ids)} tokens in {what}; asked for at most "
+                                f"{max_tokens}")
+            if len(c.logprobs) != len(c.token_ids):
+                raise BadAnswer(f"{where} {len(c.logprobs)} logprobs for {len(c.token_ids)} "
+                                f"tokens in {what}")
+            bad = next((lp for lp in c.logprobs
+                        if not math.isfinite(lp) or lp > LOGPROB_SLACK), None)
+            if bad is not None:
+                raise BadAnswer(f"{where} logprob {bad} in {what} (a logprob is finite and <= 0)")
+
+
+def check_scores(resp, items: int, peer: str) -> list[float]:
+    """The scores of a ScoreResponse, or BadAnswer unless there is one finite score per item."""
+    where = f"{peer} answered Score (request id {resp.request_id or '-'}) with"
+    scores = [s.score for s in resp.scores]
+    if len(scores) != items:
+        raise BadAnswer(f"{where} {len(scores)} scores for {items} items")
+    bad = next((i for i, v in enumerate(scores) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise BadAnswer(f"{where} score {scores[bad]} for item {bad}")
+    return scores

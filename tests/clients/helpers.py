@@ -48,6 +48,7 @@ class FakePolicy(policy_pb2_grpc.PolicyServiceServicer):
         self.served += 1
         return policy_pb2.GenerateResponse(results=[
             policy_pb2.PromptResult(prompt_index=i, served_by=policy_pb2.ServedBy(adapter=ref),
+                                    prompt_token_ids=[1],
                                     completions=[policy_pb2.Completion(text=self.name)])
             for i in range(len(request.prompts))])
 

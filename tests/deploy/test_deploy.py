@@ -2,7 +2,10 @@
 
 - every overlay, and base with every combination of components, builds with kustomize and
   validates strictly with kubernetes-validate against KUBERNETES_VERSION; the Prometheus Operator
-  objects validate against models generated from its CRDs;
+  objects validate against models generated from its CRDs, cert-manager's against the fields
+  its Certificate and Issuer need;
+- the tls component mounts each service's certificate Secret and turns on mutual TLS for every
+  gRPC server and caller, with probes that speak it; cert-manager issues every Secret mounted;
 - the built manifests have the shape the design asks for (headless Services, grpc probes,
   hardened pods, PDBs, NetworkPolicies, GPU placement) and their ConfigMaps load with the
   services' own config classes;
@@ -65,6 +68,9 @@ def _validate(docs: list[dict]) -> None:
     assert docs, "empty build"
     for doc in docs:
         where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["apiVersion"] == "cert-manager.io/v1":
+            _check_cert_manager(doc)
+            continue
         if doc["apiVersion"] == "monitoring.coreos.com/v1":
             model = getattr(monitoring_v1, doc["kind"]).model_validate(doc)
             # The models ignore unknown keys: a round trip that loses one means a typo.
@@ -79,16 +85,51 @@ def _validate(docs: list[dict]) -> None:
                         f"{exc.message}")
 
 
+_USAGES = {"server auth", "client auth", "digital signature", "key encipherment"}
+
+
+def _check_cert_manager(doc: dict) -> None:
+    """The fields cert-manager needs (no cert-manager schema is installed here)."""
+    where = f"{doc['kind']}/{doc['metadata']['name']}"
+    spec = doc["spec"]
+    if doc["kind"] == "Issuer":
+        assert len(set(spec) & {"selfSigned", "ca", "acme", "vault"}) == 1, where
+        if "ca" in spec:
+            assert spec["ca"]["secretName"], where
+        return
+    assert doc["kind"] == "Certificate", where
+    assert set(spec) <= {"secretName", "commonName", "dnsNames", "usages", "duration",
+                         "renewBefore", "privateKey", "issuerRef", "isCA"}, where
+    assert spec["secretName"] and spec["issuerRef"]["kind"] == "Issuer", where
+    assert set(spec.get("usages", [])) <= _USAGES, where
+    assert spec["privateKey"]["algorithm"] in ("ECDSA", "RSA", "Ed25519"), where
+    for key in ("duration", "renewBefore"):
+        assert re.fullmatch(r"\d+h", spec.get(key, "1h")), (where, key)
+
+
 @pytest.mark.parametrize("overlay", ["dev-cpu", "gpu"])
 def test_overlay_builds_and_validates_strictly(built, overlay):
     _validate(built[overlay])
 
 
-COMBINATIONS = [(), ("gpu",), ("monitoring",), ("gpu", "monitoring")]
+COMBINATIONS = [(), ("gpu",), ("monitoring",), ("gpu", "monitoring"), ("tls",),
+                ("gpu", "monitoring", "tls"), ("tls", "tls/cert-manager")]
 
 
 @pytest.mark.parametrize("components", COMBINATIONS, ids=lambda c: "+".join(("base", *c)))
 def test_base_with_each_component_combination(tmp_path, components):
+    docs = _base_with(tmp_path, components)
+    _validate(docs)
+    kinds = {d["kind"] for d in docs}
+    assert ("PrometheusRule" in kinds) == ("monitoring" in components)
+    policy = by_kind(docs, "Deployment")["policy"]
+    limits = policy["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert ("nvidia.com/gpu" in limits) == ("gpu" in components)
+    assert ("Certificate" in kinds) == ("tls/cert-manager" in components)
+    _assert_tls(docs, on="tls" in components)
+
+
+def _base_with(tmp_path: Path, components) -> list[dict]:
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
@@ -98,13 +139,7 @@ def test_base_with_each_component_combination(tmp_path, components):
         "components": [os.path.relpath(K8S / "components" / c, tmp_path) for c in components],
     }
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    docs = kustomize(tmp_path)
-    _validate(docs)
-    kinds = {d["kind"] for d in docs}
-    assert ("PrometheusRule" in kinds) == ("monitoring" in components)
-    policy = by_kind(docs, "Deployment")["policy"]
-    limits = policy["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert ("nvidia.com/gpu" in limits) == ("gpu" in components)
+    return kustomize(tmp_path)
 
 
 # ------------------------------------------------------------------ the shape of what we deploy
@@ -146,12 +181,22 @@ def test_services_workloads_and_probes(built, overlay):
             assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
             assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
             continue
-        # Native gRPC probes on the health service: readiness asks for the service by name.
+        # gRPC probes on the health service (native ones, or healthcheck.py where the port
+        # requires mutual TLS): readiness asks for the service by name.
         full = f"rlhf.v1.{name.capitalize()}Service"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert main[probe]["grpc"]["port"] == ports["grpc"], (name, probe)
-        assert main["readinessProbe"]["grpc"]["service"] == full
-        assert main["startupProbe"]["grpc"]["service"] == full
+            assert _probe_target(main[probe])[0] == ports["grpc"], (name, probe)
+        assert _probe_target(main["readinessProbe"])[1] == full
+        assert _probe_target(main["startupProbe"])[1] == full
+
+
+def _probe_target(probe: dict) -> tuple[int, str]:
+    """(port, health service name) a gRPC probe asks."""
+    if "grpc" in probe:
+        return probe["grpc"]["port"], probe["grpc"].get("service", "")
+    command = probe["exec"]["command"]
+    assert command[:4] == ["python", "/opt/rlhf/healthcheck.py", "grpc", command[3]], command
+    return int(command[3].rsplit(":", 1)[1]), command[4]
 
 
 @pytest.mark.parametrize("overlay", ["dev-cpu", "gpu"])
@@ -272,6 +317,131 @@ def test_secrets_are_referenced_never_inlined(built):
     assert api_keys[0]["valueFrom"]["secretKeyRef"]["name"] == "rlhf-secrets"
 
 
+# ------------------------------------------------------------------ mutual TLS (components/tls)
+
+TLS_MOUNT = "/etc/rlhf-tls"
+CALLERS = ("trainer", "gateway")  # the services that call policy and reward
+
+
+def _env(container: dict) -> dict[str, str | None]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def _assert_tls(docs: list[dict], on: bool) -> None:
+    """With the tls component every pod mounts its own certificate Secret read-only, every gRPC
+    server requires client certificates, every caller presents one, and the probes speak TLS;
+    without it nothing of that is there."""
+    services = by_kind(docs, "Service")
+    for name, load in workloads(docs).items():
+        pod = _pod(load)
+        main = pod["containers"][0]
+        env = _env(main)
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["name"]: m for m in main["volumeMounts"]}
+        prefix = f"RLHF_{name.upper()}_"
+        if not on:
+            assert "tls" not in volumes and not any("TLS__" in k for k in env), name
+            continue
+        assert volumes["tls"]["secret"] == {"secretName": f"rlhf-tls-{name}",
+                                            "defaultMode": 0o440}, name
+        assert mounts["tls"] == {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True}, name
+        if name in GRPC_SERVICES:
+            assert {k: env.get(f"{prefix}TLS__{k}") for k in (
+                "CERT_FILE", "KEY_FILE", "CLIENT_CA_FILE")} == {
+                "CERT_FILE": f"{TLS_MOUNT}/tls.crt", "KEY_FILE": f"{TLS_MOUNT}/tls.key",
+                "CLIENT_CA_FILE": f"{TLS_MOUNT}/ca.crt"}, name
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert "grpc" not in main[probe], (name, probe)  # the kubelet's is plaintext
+                command = main[probe]["exec"]["command"]
+                assert command[command.index("--tls") + 1] == TLS_MOUNT, (name, probe)
+                assert command[command.index("--server-name") + 1] == name, (name, probe)
+                assert main[probe]["timeoutSeconds"] >= 3, (name, probe)
+            grpc_port = next(p for p in services[name]["spec"]["ports"] if p["name"] == "grpc")
+            assert grpc_port.get("appProtocol") != "kubernetes.io/h2c", name
+        if name in CALLERS:
+            assert {k: env.get(f"{prefix}CLIENT_TLS__{k}") for k in (
+                "CA_FILE", "CERT_FILE", "KEY_FILE")} == {
+                "CA_FILE": f"{TLS_MOUNT}/ca.crt", "CERT_FILE": f"{TLS_MOUNT}/tls.crt",
+                "KEY_FILE": f"{TLS_MOUNT}/tls.key"}, name
+
+
+def test_gpu_overlay_runs_mutual_tls_between_all_services(built):
+    _assert_tls(built["gpu"], on=True)
+    _assert_tls(built["dev-cpu"], on=False)
+    # The TLS Secrets are created out of band there, like rlhf-secrets.
+    assert not [d for d in built["gpu"] if d["apiVersion"] == "cert-manager.io/v1"]
+
+
+def test_cert_manager_issues_every_certificate_the_pods_mount(tmp_path):
+    """Each mounted Secret is a Certificate of the namespace's CA, naming the Service its
+    peers dial (dns:///<service>:port, checked against the certificate) with the usages the
+    pod needs: serving for the gRPC services, client auth for callers and for the probes."""
+    docs = _base_with(tmp_path, ("tls", "tls/cert-manager"))
+    certs = {c["spec"]["secretName"]: c["spec"] for c in by_kind(docs, "Certificate").values()}
+    issuers = by_kind(docs, "Issuer")
+    ca = certs["rlhf-ca"]
+    assert ca["isCA"] is True and issuers[ca["issuerRef"]["name"]]["spec"] == {"selfSigned": {}}
+    for name, load in workloads(docs).items():
+        secret = next(v["secret"]["secretName"] for v in _pod(load)["volumes"]
+                      if v["name"] == "tls")
+        spec = certs[secret]
+        assert issuers[spec["issuerRef"]["name"]]["spec"] == {"ca": {"secretName": "rlhf-ca"}}
+        assert not spec.get("isCA")
+        assert ("server auth" in spec["usages"]) == (name in GRPC_SERVICES), name
+        assert "client auth" in spec["usages"], name
+        if name in GRPC_SERVICES:
+            assert name in spec["dnsNames"], name
+        assert spec["privateKey"]["rotationPolicy"] == "Always", name
+
+
+async def test_healthcheck_probes_a_server_that_requires_mutual_tls(tmp_path):
+    """deploy/docker/healthcheck.py --tls (the tls component's probe) against a real reward
+    server requiring client certificates, with the Secret's file layout."""
+    import asyncio
+
+    from rlhf.plumbing.config import ServerTLS
+    from rlhf.plumbing.server import GrpcServer
+    from services.reward.app import RewardApp
+    from services.reward.config import RewardConfig
+    from tests.fixtures.certs import make_pki
+
+    pki = make_pki(tmp_path, server_names=("reward",))
+    own, foreign = tmp_path / "own", tmp_path / "foreign"
+    for folder, cert, key in ((own, pki.client_cert, pki.client_key),
+                              (foreign, pki.foreign_cert, pki.foreign_key)):
+        folder.mkdir()
+        (folder / "ca.crt").write_bytes(pki.ca.read_bytes())
+        (folder / "tls.crt").write_bytes(cert.read_bytes())
+        (folder / "tls.key").write_bytes(key.read_bytes())
+    tls = ServerTLS(cert_file=pki.server_cert, key_file=pki.server_key, client_ca_file=pki.ca)
+    cfg = RewardConfig.load(grpc_port=0, metrics_port=0, scorer=["rule:length?target=5"],
+                            drain_grace_seconds=1, tls=tls)
+    server = await GrpcServer(cfg, RewardApp(cfg)).start()
+    script = str(DOCKER / "healthcheck.py")
+    target = f"127.0.0.1:{server.port}"
+
+    async def check(*args: str) -> int:
+        proc = await asyncio.create_subprocess_exec(sys.executable, script, *args,
+                                                    stderr=subprocess.DEVNULL)
+        return await asyncio.wait_for(proc.wait(), 60)
+
+    try:
+        service = "rlhf.v1.RewardService"
+        assert await check("grpc", target, service, "--tls", str(own),
+                           "--server-name", "reward") == 0
+        assert await check("grpc", target, "", "--tls", str(own), "--server-name", "reward") == 0
+        assert await check("grpc", target, service) == 1  # plaintext
+        assert await check("grpc", target, service, "--tls", str(own),
+                           "--server-name", "policy") == 1  # not the certificate's name
+        assert await check("grpc", target, service, "--tls", str(foreign),
+                           "--server-name", "reward") == 1  # another CA's client certificate
+        assert await check("grpc", target, service, "--tls", str(tmp_path / "none"),
+                           "--server-name", "reward") == 1
+        assert await check("grpc", target, "--tls") == 2
+    finally:
+        await server.shutdown()
+
+
 # ------------------------------------------------------------------ services accept their config
 
 _CONFIG_CLASSES = {
@@ -318,6 +488,13 @@ def test_configmaps_load_with_the_service_config(built, overlay, service, tmp_pa
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
     assert config.host == "0.0.0.0"
     assert config.data_dir == Path("/data")
+    tls_on = overlay == "gpu"  # the overlay with components/tls
+    if service in GRPC_SERVICES:
+        assert config.tls.enabled == tls_on
+        assert (config.tls.client_ca_file is not None) == tls_on  # mutual: client certs required
+    if service in CALLERS:
+        assert config.client_tls.enabled == tls_on
+        assert (config.client_tls.cert_file is not None) == tls_on
     if service == "gateway":
         assert config.http_port == ports["http"]
     else:
@@ -331,6 +508,7 @@ def test_configmaps_load_with_the_service_config(built, overlay, service, tmp_pa
         prompts = config.prompts.relative_to(mount)
         assert len(read_prompts(tmp_path / prompts)) >= 8
         assert config.policy_admin_token  # from the Secret
+        assert config.admin_token  # the trainer's own, from the Secret
     if service == "reward":
         from services.reward.metrics import RewardStats
         from services.reward.scorers import build_scorer

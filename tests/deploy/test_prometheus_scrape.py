@@ -23,6 +23,7 @@ import httpx
 import pytest
 import yaml
 
+from rlhf.plumbing.auth import bearer_metadata
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from tests.deploy.tools import K8S, MONITORING, grafana_expr, load_module
 from tests.fixtures.ports import free_port
@@ -31,6 +32,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 PROMETHEUS = "/usr/bin/prometheus"
 TOKEN = "scrape-test-admin-token"
+TRAINER_TOKEN = "scrape-test-trainer-token"
 STEPS = 3
 PROMPTS = ["the cat", "a dog", "hello there", "once upon"]
 # Panels a training run with a gateway call must fill (the rest may be empty: no errors, no
@@ -135,7 +137,7 @@ async def test_prometheus_scrapes_services_through_a_training_run(tiny_model_dir
         procs.append(Proc("trainer", service_args("trainer") + [
             "--policy-addr", addr["policy"], "--reward-addr", addr["reward"],
             "--model", str(tiny_model_dir), "--prompts", str(prompts),
-            "--policy-admin-token", TOKEN], light, tmp_path))
+            "--policy-admin-token", TOKEN, "--admin-token", TRAINER_TOKEN], light, tmp_path))
         procs.append(Proc("gateway", [
             py, "-m", "gateway", "--port", str(gateway_port), "--policy-addr", addr["policy"],
             "--reward-addr", addr["reward"], "--data-dir", str(tmp_path / "gateway")],
@@ -180,10 +182,14 @@ async def test_prometheus_scrapes_services_through_a_training_run(tiny_model_dir
                                         max_new_tokens=4, seed=1)
         async with grpc.aio.insecure_channel(addr["trainer"]) as channel:
             stub = trainer_pb2_grpc.TrainerServiceStub(channel)
-            await stub.StartRun(trainer_pb2.StartRunRequest(run_id="scrape", config=run_cfg))
-            async for _ in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id="scrape")):
+            auth = bearer_metadata(TRAINER_TOKEN)
+            await stub.StartRun(trainer_pb2.StartRunRequest(run_id="scrape", config=run_cfg),
+                                metadata=auth)
+            async for _ in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id="scrape"),
+                                         metadata=auth):
                 pass
-            run = (await stub.GetRun(trainer_pb2.GetRunRequest(run_id="scrape"))).run
+            run = (await stub.GetRun(trainer_pb2.GetRunRequest(run_id="scrape"),
+                                   metadata=auth)).run
         assert run.state == trainer_pb2.RUN_STATE_COMPLETED, (run.message, logs())
         assert run.step == STEPS
         version = run.adapter_version  # one push per step, after the run's initial adapter

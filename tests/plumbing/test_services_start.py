@@ -54,7 +54,8 @@ async def _probe(port: int, name: str):
 def test_service_starts_serves_health_and_stops(name, tmp_path):
     port, mport = free_port(), free_port()
     proc = start_process(
-        ["-m", f"services.{name}", "--port", str(port), "--metrics-port", str(mport)],
+        ["-m", f"services.{name}", "--port", str(port), "--metrics-port", str(mport),
+         *(["--insecure-no-auth"] if name == "trainer" else [])],
         env=_env(tmp_path),
     )
     try:
@@ -112,7 +113,8 @@ def test_port_in_use_fails_with_a_message(tmp_path):
         s.listen()
         taken = s.getsockname()[1]
         proc = start_process(
-            ["-m", "services.trainer", "--port", str(taken), "--metrics-port", "0"],
+            ["-m", "services.trainer", "--port", str(taken), "--metrics-port", "0",
+             "--insecure-no-auth"],
             env=_env(tmp_path),
         )
         out, _ = proc.communicate(timeout=30)
@@ -124,7 +126,7 @@ def test_port_in_use_fails_with_a_message(tmp_path):
 def test_policy_without_a_model_fails_with_a_message(tmp_path):
     proc = start_process(
         ["-m", "services.policy", "--port", "0", "--metrics-port", "0",
-         "--model", str(tmp_path / "no-model")],
+         "--model", str(tmp_path / "no-model"), "--insecure-no-auth"],
         env=_env(tmp_path),
     )
     out, _ = proc.communicate(timeout=60)

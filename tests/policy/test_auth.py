@@ -84,9 +84,10 @@ async def test_refusals_are_counted_in_the_rpc_metrics(fake_policy):
             in body)
 
 
-async def test_without_a_configured_token_model_changes_are_open(tiny_model_dir, tiny_adapters,
+async def test_with_insecure_no_auth_model_changes_are_open(tiny_model_dir, tiny_adapters,
                                                                   tmp_path):
-    policy = await start_fake_policy(tiny_model_dir, tmp_path / "data", admin_token=None)
+    policy = await start_fake_policy(tiny_model_dir, tmp_path / "data", admin_token=None,
+                                     insecure_no_auth=True)
     try:
         pushed = await stub(policy.channel).PushAdapter(
             push_requests(tiny_adapters[0], "open", 1, "tiny"), timeout=30)
@@ -99,7 +100,8 @@ async def test_the_interceptor_guards_any_kind_of_method(tiny_model_dir, tmp_pat
     """Service-neutral: given a token and full method names, it guards them, streaming ones
     included, and leaves the others alone."""
     cfg = PolicyConfig.load(grpc_port=0, metrics_port=0, model=tiny_model_dir,
-                            data_dir=tmp_path / "data", max_model_len=512, drain_grace_seconds=1)
+                            data_dir=tmp_path / "data", max_model_len=512, drain_grace_seconds=1,
+                            insecure_no_auth=True)
     app = PolicyApp(cfg, engine=FakeEngine(vocab_size=512))
     app.interceptors = (AdminAuthInterceptor("s3cret", {f"/{SERVICE_NAME}/GenerateStream"}),)
     server = await GrpcServer(cfg, app).start()

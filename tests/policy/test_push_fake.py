@@ -7,11 +7,12 @@ same on vLLM."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
 
-from rlhf.clients.push import push_adapter
+from rlhf.clients.push import push_adapter, push_requests
 from rlhf.v1 import policy_pb2
 from tests.fixtures.policy_helpers import (
     ADMIN,
@@ -168,3 +169,43 @@ async def test_a_merged_switch_waits_for_pinned_requests_and_moves_unpinned_ones
     switch = next(k for k in range(80) if tokens[k] != tokens_of(v1, [k])[0])
     assert 20 <= switch < 80
     assert tokens[switch:] == tokens_of(v2, range(switch, 80))
+
+
+async def test_a_push_cancelled_midway_leaves_nothing_a_restart_loads(tiny_model_dir,
+                                                                       tiny_adapters, tmp_path):
+    data_dir = tmp_path / "data"
+    first = await start_fake_policy(tiny_model_dir, data_dir)
+    try:
+        messages = list(push_requests(tiny_adapters[0], "half", 1, "tiny", chunk_bytes=4096))
+        sent = asyncio.Event()
+
+        async def half_then_wait():
+            for message in messages[: len(messages) // 2]:
+                yield message
+            sent.set()
+            await asyncio.Event().wait()
+
+        call = stub(first.channel).PushAdapter(half_then_wait(), metadata=AUTH, timeout=60)
+        await sent.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    finally:
+        await stop_fake_policy(first)
+    second = await start_fake_policy(tiny_model_dir, data_dir)
+    try:
+        assert await _listed(second, "half") == ([], 1)
+        assert second.engine.added == []
+        root = data_dir / "policy" / "adapters"
+        assert not (root / "half").exists()
+        assert not (root / ".incoming").exists() or list((root / ".incoming").iterdir()) == []
+    finally:
+        await stop_fake_policy(second)
+
+
+def test_every_torch_load_in_the_policy_reads_tensors_only():
+    root = Path(__file__).resolve().parents[2] / "services" / "policy"
+    for path in root.rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}:{number}: {line.strip()}"

@@ -5,12 +5,12 @@ lifecycle. Runs in `make test-fast`; test_generate.py runs the same requests on 
 from __future__ import annotations
 
 import asyncio
-import json
 
 import grpc
 import pytest
 
 from rlhf.v1 import policy_pb2
+from services.policy.adapters.store import AdapterStore
 from services.policy.fake_engine import FakeEngine
 from tests.fixtures.grpc_helpers import health_status
 from tests.fixtures.policy_helpers import base, greedy, ids_prompt, stub, text_prompt
@@ -157,12 +157,13 @@ async def test_the_engine_is_entered_at_start_up_and_exited_at_shut_down(tiny_mo
     assert (engine.entered, engine.exited, engine.running) == (1, 1, False)
 
 
-async def test_a_failed_start_up_still_exits_the_engine(tiny_model_dir, tmp_path):
-    data_dir = tmp_path / "data"
-    state = data_dir / "policy" / "adapters" / "state.json"
-    state.parent.mkdir(parents=True)
-    state.write_text("{not json")  # restoring the adapters fails after the engine started
+async def test_a_failed_start_up_still_exits_the_engine(tiny_model_dir, tmp_path, monkeypatch):
+    def unreadable(self):
+        raise PermissionError("adapters folder unreadable")
+
+    # Preparing the adapters fails after the engine started.
+    monkeypatch.setattr(AdapterStore, "clear_staging", unreadable)
     engine = FakeEngine(vocab_size=512)
-    with pytest.raises(json.JSONDecodeError):
-        await start_fake_policy(tiny_model_dir, data_dir, engine=engine)
+    with pytest.raises(PermissionError):
+        await start_fake_policy(tiny_model_dir, tmp_path / "data", engine=engine)
     assert (engine.entered, engine.exited, engine.running) == (1, 1, False)

@@ -235,13 +235,15 @@ class RunWatch:
         return [e for e in self.events if e.kind == kind]
 
 
-async def start_run(trainer_addr: str, run_id: str, config: trainer_pb2.RunConfig) -> RunWatch:
-    async with TrainerClient(trainer_addr) as trainer:
+async def start_run(trainer_addr: str, run_id: str, config: trainer_pb2.RunConfig,
+                    token: str) -> RunWatch:
+    """StartRun with the trainer's admin `token`, then WatchRun in the background."""
+    async with TrainerClient(trainer_addr, token=token) as trainer:
         await trainer.start_run(config, run_id, timeout=120)
     watch = RunWatch()
 
     async def follow():
-        async with TrainerClient(trainer_addr) as trainer:
+        async with TrainerClient(trainer_addr, token=token) as trainer:
             async for update in trainer.watch_run(run_id, from_step=1):
                 if update.HasField("metrics"):
                     watch.metrics.append(update.metrics)
@@ -252,13 +254,13 @@ async def start_run(trainer_addr: str, run_id: str, config: trainer_pb2.RunConfi
     return watch
 
 
-async def get_run(trainer_addr: str, run_id: str) -> trainer_pb2.Run:
-    async with TrainerClient(trainer_addr) as trainer:
+async def get_run(trainer_addr: str, run_id: str, token: str) -> trainer_pb2.Run:
+    async with TrainerClient(trainer_addr, token=token) as trainer:
         return await trainer.get_run(run_id, timeout=30)
 
 
-async def stop_run(trainer_addr: str, run_id: str) -> None:
-    async with TrainerClient(trainer_addr) as trainer:
+async def stop_run(trainer_addr: str, run_id: str, token: str) -> None:
+    async with TrainerClient(trainer_addr, token=token) as trainer:
         await trainer.stop_run(run_id, timeout=30)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.stack.rundir import trainer_token
 from rlhf.v1 import trainer_pb2
 from services.trainer.ppo.checkpoint import latest
 from tests.stack.helpers import (
@@ -50,7 +51,8 @@ async def test_fault_drill(tiny_model_dir, tmp_path):
         run_cfg = trainer_pb2.RunConfig(steps=500, prompts_per_step=4, samples_per_prompt=2,
                                         max_new_tokens=8, learning_rate=3e-3, seed=2,
                                         push_quorum=0.5)
-        watch = await start_run(trainer, RUN, run_cfg)
+        token = trainer_token(up.run_dir)
+        watch = await start_run(trainer, RUN, run_cfg, token)
         await wait_for(lambda: len(watch.steps) >= 1, 300, "the first step")
 
         # ---- 1. the reward service dies
@@ -97,9 +99,9 @@ async def test_fault_drill(tiny_model_dir, tmp_path):
                        "a push confirmed by the restarted replica again")
 
         # ---- 3. every policy replica down: nothing can generate -> 503
-        await stop_run(trainer, RUN)
+        await stop_run(trainer, RUN, token)
         await wait_for(lambda: watch.task.done(), 300, "the run to stop")
-        run = await get_run(trainer, RUN)
+        run = await get_run(trainer, RUN, token)
         assert run.state == trainer_pb2.RUN_STATE_STOPPED, run.message
         for name in ("policy-0", "policy-1"):
             up.hold(name)

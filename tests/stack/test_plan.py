@@ -30,7 +30,7 @@ def _plan(tmp_path: Path, sections: dict | None = None, **opts):
     ports = itertools.count(41000)
     options = UpOptions(run_dir=tmp_path / "run", **opts)
     return build_plan(options, sections or {}, tmp_path / "model", "tok", tmp_path / "ipc",
-                      port=lambda: next(ports), python="python")
+                      port=lambda: next(ports), python="python", trainer_token="ttok")
 
 
 def _flag_values(argv, flag: str) -> list[str]:
@@ -76,6 +76,7 @@ def test_consumers_get_every_policy_replica_and_the_reward(tmp_path):
     assert all(d in plan.dirs for d in ipc)
     assert {s.env["RLHF_POLICY_ADMIN_TOKEN"] for s in plan.of_kind("policy")} == {"tok"}
     assert plan.of_kind("trainer")[0].env["RLHF_TRAINER_POLICY_ADMIN_TOKEN"] == "tok"
+    assert plan.of_kind("trainer")[0].env["RLHF_TRAINER_ADMIN_TOKEN"] == "ttok"
     assert "RLHF_POLICY_ADMIN_TOKEN" not in plan.of_kind("gateway")[0].env
 
 
@@ -194,6 +195,10 @@ def test_prepare_writes_what_the_plan_needs(tmp_path):
         assert stat.S_IMODE(token.stat().st_mode) == 0o600
         assert plan.of_kind("policy")[0].env["RLHF_POLICY_ADMIN_TOKEN"] == token.read_text()
         assert admin_token(run_dir) == token.read_text()  # one token per run dir
+        trainer = run_dir / "trainer-token"
+        assert stat.S_IMODE(trainer.stat().st_mode) == 0o600
+        assert plan.of_kind("trainer")[0].env["RLHF_TRAINER_ADMIN_TOKEN"] == trainer.read_text()
+        assert trainer.read_text() != token.read_text()
     finally:
         shutil.rmtree(plan.ipc_root, ignore_errors=True)
 

@@ -10,12 +10,15 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
+from rlhf.clients import CallFailed
+from rlhf.stack.rundir import TRAINER_TOKEN_FILE, trainer_token
 from rlhf.v1 import trainer_pb2
 from tests.stack.helpers import (
     UpProcess,
@@ -62,10 +65,16 @@ async def test_up_trains_serves_and_stops_clean(tiny_model_dir, tmp_path):
 
         run_cfg = trainer_pb2.RunConfig(steps=3, prompts_per_step=4, samples_per_prompt=2,
                                         max_new_tokens=8, learning_rate=3e-3, seed=1)
-        watch = await start_run(state["trainer_addr"], "up-test", run_cfg)
+        # The trainer takes runs only from holders of its token, kept private in the run dir.
+        token_file = up.run_dir / TRAINER_TOKEN_FILE
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        with pytest.raises(CallFailed, match="UNAUTHENTICATED"):
+            await start_run(state["trainer_addr"], "up-test", run_cfg, token="")
+        token = trainer_token(up.run_dir)
+        watch = await start_run(state["trainer_addr"], "up-test", run_cfg, token)
         await wait_for(lambda: watch.task.done(), 400, "the run to finish")
         watch.task.result()
-        run = await get_run(state["trainer_addr"], "up-test")
+        run = await get_run(state["trainer_addr"], "up-test", token)
         assert run.state == trainer_pb2.RUN_STATE_COMPLETED, run.message
         assert watch.steps == [1, 2, 3]
         assert [r["step"] for r in read_metrics(run.out_dir)] == [1, 2, 3]

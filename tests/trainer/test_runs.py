@@ -1,13 +1,15 @@
 """TrainerService and `rlhf train ppo` without the peers a run needs: refused with a message that
 names the missing key, at StartRun and at the command's start-up; a run's settings take the
-trainer's peers, TLS and admin token."""
+trainer's peers, TLS and admin token, and the request's paths resolved under the allowed roots."""
 
 from __future__ import annotations
 
 import grpc
+import pytest
 from click.testing import CliRunner
 
 from rlhf.plumbing.config import ClientTLS
+from rlhf.plumbing.errors import InvalidArgument
 from rlhf.plumbing.server import GrpcServer
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.app import TrainerApp
@@ -19,7 +21,8 @@ async def test_start_run_without_peers_names_the_missing_keys(tiny_model_dir, sh
                                                               tmp_path):
     cfg = TrainerConfig.load(grpc_port=0, metrics_port=0, data_dir=tmp_path,
                              model=tiny_model_dir, prompts=short_prompts,
-                             reward_addr=["127.0.0.1:1"], drain_grace_seconds=1)
+                             reward_addr=["127.0.0.1:1"], drain_grace_seconds=1,
+                             insecure_no_auth=True)
     server = await GrpcServer(cfg, TrainerApp(cfg)).start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
@@ -57,3 +60,23 @@ def test_train_ppo_without_peers_is_a_usage_error(short_prompts, tmp_path):
                                        "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "a run needs policy_addr, reward_addr" in result.output
+
+
+def test_request_paths_resolve_under_the_roots_and_the_configured_model(tiny_model_dir,
+                                                                        short_prompts, tmp_path):
+    """A request may name the trainer's configured model (wherever it lies) and anything under
+    data_dir; the run then uses the resolved paths."""
+    data = tmp_path / "data"
+    (data / "sft").mkdir(parents=True)
+    (data / "inputs").symlink_to(short_prompts.parent, target_is_directory=True)
+    cfg = TrainerConfig.load(data_dir=data, policy_addr=["10.0.0.1:50051"],
+                             reward_addr=["10.0.0.2:50052"], model=tiny_model_dir,
+                             prompts=short_prompts, allowed_roots=[str(data)])
+    run = settings_from_proto(trainer_pb2.RunConfig(
+        model=str(tiny_model_dir), init_adapter=str(data / "sft")), cfg, "r1")
+    assert (run.model, run.init_adapter) == (tiny_model_dir.resolve(), (data / "sft").resolve())
+    assert run.prompts == short_prompts  # the configured default, trusted as configured
+    # A symlink inside data_dir that leads out of it is judged by where it leads.
+    with pytest.raises(InvalidArgument, match="prompts_path .* outside"):
+        settings_from_proto(trainer_pb2.RunConfig(
+            prompts_path=str(data / "inputs" / short_prompts.name)), cfg, "r2")

@@ -17,6 +17,7 @@ import grpc
 import pytest
 import torch
 
+from rlhf.plumbing.auth import bearer_metadata
 from rlhf.plumbing.server import GrpcServer
 from rlhf.v1 import policy_pb2, policy_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from services.reward.app import RewardApp
@@ -31,6 +32,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 # Dense and learnable from a random tiny model: characters per completion pulled toward 60
 # (10 new tokens; a random policy writes ~25 characters, so longer tokens earn more).
 RULE = "rule:length?target=60&unit=chars"
+TRAINER_ADMIN = "trainer-test-admin-token"
+AUTH = bearer_metadata(TRAINER_ADMIN)
 PROMPTS = ["the cat", "a dog", "hello", "once upon", "red apple", "big sky", "my friend",
            "the end", "blue sea", "good day", "we go", "in the"]
 
@@ -84,8 +87,9 @@ _NATIVE_BF16 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 async def test_reward_rises(policy_lora, reward_server, prompts_file, tmp_path, algo, dtype):
     steps = 20
     out = tmp_path / f"learn-{algo}-{dtype}"
+    # device auto: the learner on CUDA where there is one, else on the CPU.
     run = settings(policy_lora, f"127.0.0.1:{reward_server.port}", prompts_file, out,
-                   algo=algo, steps=steps, compute_dtype=dtype)
+                   algo=algo, steps=steps, compute_dtype=dtype, device="auto")
     await Learner(run).run()
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
@@ -155,7 +159,8 @@ async def test_trainer_service_runs_watches_and_stops(policy_lora, reward_server
                              policy_addr=[policy_lora.addr],
                              reward_addr=[f"127.0.0.1:{reward_server.port}"],
                              model=policy_lora.model_dir, prompts=prompts_file,
-                             policy_admin_token=ADMIN, drain_grace_seconds=2)
+                             policy_admin_token=ADMIN, admin_token=TRAINER_ADMIN,
+                             drain_grace_seconds=2)
     server = await GrpcServer(cfg, TrainerApp(cfg)).start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
@@ -163,20 +168,22 @@ async def test_trainer_service_runs_watches_and_stops(policy_lora, reward_server
             run_cfg = trainer_pb2.RunConfig(algorithm=trainer_pb2.ALGORITHM_GRPO, steps=3,
                                             prompts_per_step=4, samples_per_prompt=2,
                                             max_new_tokens=8, max_staleness=1, seed=2)
-            started = await stub.StartRun(trainer_pb2.StartRunRequest(run_id="svc", config=run_cfg))
+            started = await stub.StartRun(
+                trainer_pb2.StartRunRequest(run_id="svc", config=run_cfg), metadata=AUTH)
             assert started.run.run_id == "svc"
             assert started.run.config.algorithm == trainer_pb2.ALGORITHM_GRPO
             with pytest.raises(grpc.aio.AioRpcError) as err:  # one run at a time
-                await stub.StartRun(trainer_pb2.StartRunRequest(run_id="other", config=run_cfg))
+                await stub.StartRun(trainer_pb2.StartRunRequest(run_id="other", config=run_cfg),
+                                    metadata=AUTH)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
             steps = []
-            async for update in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id="svc",
-                                                                          from_step=1)):
+            async for update in stub.WatchRun(
+                    trainer_pb2.WatchRunRequest(run_id="svc", from_step=1), metadata=AUTH):
                 if update.HasField("metrics"):
                     steps.append(update.metrics.step)
             assert steps == [1, 2, 3]
-            run = (await stub.GetRun(trainer_pb2.GetRunRequest(run_id="svc"))).run
+            run = (await stub.GetRun(trainer_pb2.GetRunRequest(run_id="svc"), metadata=AUTH)).run
             assert run.state == trainer_pb2.RUN_STATE_COMPLETED
             assert run.step == 3 and run.last_metrics.step == 3
             assert run.last_metrics.staleness <= 1.0
@@ -186,32 +193,34 @@ async def test_trainer_service_runs_watches_and_stops(policy_lora, reward_server
             # StopRun: a longer run stops after its current step and is resumable.
             long_cfg = trainer_pb2.RunConfig(steps=50, prompts_per_step=2, samples_per_prompt=2,
                                              max_new_tokens=4)
-            await stub.StartRun(trainer_pb2.StartRunRequest(run_id="long", config=long_cfg))
-            async for update in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id="long")):
+            await stub.StartRun(trainer_pb2.StartRunRequest(run_id="long", config=long_cfg),
+                                metadata=AUTH)
+            async for update in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id="long"),
+                                              metadata=AUTH):
                 if update.HasField("metrics"):
                     break
-            stopped = await stub.StopRun(trainer_pb2.StopRunRequest(run_id="long"))
+            stopped = await stub.StopRun(trainer_pb2.StopRunRequest(run_id="long"), metadata=AUTH)
             assert stopped.run.state in (trainer_pb2.RUN_STATE_STOPPING,
                                          trainer_pb2.RUN_STATE_STOPPED)
-            async for _ in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id="long")):
+            async for _ in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id="long"), metadata=AUTH):
                 pass
-            run = (await stub.GetRun(trainer_pb2.GetRunRequest(run_id="long"))).run
+            run = (await stub.GetRun(trainer_pb2.GetRunRequest(run_id="long"), metadata=AUTH)).run
             assert run.state == trainer_pb2.RUN_STATE_STOPPED
             assert 1 <= run.step < 50
 
             for bad, code in ((trainer_pb2.GetRunRequest(run_id="nope"),
                                grpc.StatusCode.NOT_FOUND),):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await stub.GetRun(bad)
+                    await stub.GetRun(bad, metadata=AUTH)
                 assert err.value.code() == code
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.StartRun(trainer_pb2.StartRunRequest(
-                    run_id="bad/id", config=run_cfg))
+                    run_id="bad/id", config=run_cfg), metadata=AUTH)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.StartRun(trainer_pb2.StartRunRequest(
                     run_id="g1", config=trainer_pb2.RunConfig(
-                        algorithm=trainer_pb2.ALGORITHM_GRPO, samples_per_prompt=1)))
+                        algorithm=trainer_pb2.ALGORITHM_GRPO, samples_per_prompt=1)), metadata=AUTH)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "samples_per_prompt" in err.value.details()
     finally:

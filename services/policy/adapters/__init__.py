@@ -20,10 +20,10 @@ from services.policy.stats import EngineStats
 
 
 def make_registry(mode: str, root: Path, engine: Engine, keep_versions: int, max_loaded: int,
-                  stats: EngineStats) -> AdapterRegistry:
+                  stats: EngineStats, switch_timeout: float = 30.0) -> AdapterRegistry:
     """The registry of an adapter mode ("lora" or "merged")."""
     if mode == "lora":
         return LoraAdapters(root, engine, keep_versions, stats, max_loaded=max_loaded)
     if mode == "merged":
-        return MergedAdapters(root, engine, keep_versions, stats)
+        return MergedAdapters(root, engine, keep_versions, stats, switch_timeout=switch_timeout)
     raise ValueError(f"unknown adapter mode {mode!r}")

@@ -1,11 +1,14 @@
 """The checks a pushed adapter must pass, against this replica's limits and its base model: the
 header before any byte is stored (name, sha256 format, size, base model id, peft config: LoRA,
-rank, target modules), the received weights before the registry may load them (every tensor a
-LoRA A/B pair that fits a base module). Each refusal says what is wrong."""
+rank, lora_alpha and the per-module patterns finite and bounded, target modules a list of names,
+never a regular expression the engine would run), the received weights before the registry may
+load them (every tensor a LoRA A/B pair that fits a base module, every value finite and within
+max_abs_value). Each refusal says what is wrong."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,9 @@ from rlhf.v1 import policy_pb2
 from services.policy.adapters.registry import check_name
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+# Keys of alpha_pattern / rank_pattern: module paths, matched literally enough that no pattern
+# can make the matcher backtrack without end.
+PATTERN_KEY_RE = re.compile(r"^[A-Za-z0-9_.]{1,256}$")
 LORA_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -51,6 +57,39 @@ class PushLimits:
     base_model_id: str
     max_rank: int
     max_bytes: int
+    max_abs_value: float = 1000.0
+    max_alpha: float = 4096.0
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_alpha(where: str, value, limits: PushLimits) -> None:
+    if not _number(value) or not math.isfinite(value) or not 0 < value <= limits.max_alpha:
+        raise InvalidArgument(f"peft config {where} must be a finite number in "
+                              f"(0, {limits.max_alpha:g}] (max_lora_alpha), not {value!r}")
+
+
+def _check_patterns(peft: dict, limits: PushLimits) -> None:
+    for field in ("alpha_pattern", "rank_pattern"):
+        pattern = peft.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise InvalidArgument(f"peft config {field!r} must be an object")
+        for key, value in pattern.items():
+            if not PATTERN_KEY_RE.match(key):
+                raise InvalidArgument(f"peft config {field} key {key!r} must be a module path "
+                                      "(letters, digits, '_' and '.'), not a pattern")
+            if field == "alpha_pattern":
+                _check_alpha(f"alpha_pattern[{key!r}]", value, limits)
+            elif not isinstance(value, int) or isinstance(value, bool) or not (
+                    1 <= value <= limits.max_rank):
+                raise InvalidArgument(f"peft config rank_pattern[{key!r}] must be a rank in "
+                                      f"[1, {limits.max_rank}], not {value!r}")
 
 
 def check_header(header: policy_pb2.AdapterHeader, limits: PushLimits,
@@ -72,15 +111,15 @@ def check_header(header: policy_pb2.AdapterHeader, limits: PushLimits,
             f"{limits.base_model_id!r}"
         )
     try:
-        peft = json.loads(header.peft_config_json)
-    except json.JSONDecodeError as exc:
+        peft = json.loads(header.peft_config_json, parse_constant=_no_constants)
+    except (json.JSONDecodeError, ValueError) as exc:
         raise InvalidArgument(f"header.peft_config_json is not JSON: {exc}") from None
     if not isinstance(peft, dict):
         raise InvalidArgument("header.peft_config_json must be a JSON object")
     if peft.get("peft_type", "LORA") != "LORA":
         raise InvalidArgument(f"only LoRA adapters are served, not {peft.get('peft_type')!r}")
     rank = peft.get("r")
-    if not isinstance(rank, int) or rank < 1:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise InvalidArgument("peft config 'r' must be a positive integer")
     if rank > limits.max_rank:
         raise InvalidArgument(f"LoRA rank {rank} exceeds this replica's max_lora_rank "
@@ -88,12 +127,17 @@ def check_header(header: policy_pb2.AdapterHeader, limits: PushLimits,
     for unsupported in ("use_dora", "modules_to_save"):
         if peft.get(unsupported):
             raise InvalidArgument(f"peft option {unsupported!r} is not supported for serving")
+    if "lora_alpha" in peft:
+        _check_alpha("'lora_alpha'", peft["lora_alpha"], limits)
+    _check_patterns(peft, limits)
     targets = peft.get("target_modules")
     leaves = shapes.leaf_names
     if isinstance(targets, str):
-        if not any(re.fullmatch(targets, path) for path in shapes.shapes):
-            raise InvalidArgument(f"target_modules pattern {targets!r} matches no base module")
-    elif isinstance(targets, list) and targets:
+        # A regular expression: the engine would match it against every module, and a hostile
+        # one can backtrack for hours on the event loop.
+        raise InvalidArgument("peft config 'target_modules' must be a list of module names, "
+                              f"not a regular expression ({targets[:64]!r})")
+    if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
         missing = [t for t in targets if t not in leaves]
         if missing:
             raise InvalidArgument(
@@ -105,8 +149,11 @@ def check_header(header: policy_pb2.AdapterHeader, limits: PushLimits,
     return peft
 
 
-def check_weights(folder: Path, shapes: BaseShapes, max_rank: int) -> None:
-    """Every LoRA tensor must fit a base module: A is (r, in), B is (out, r)."""
+def check_weights(folder: Path, shapes: BaseShapes, max_rank: int,
+                  max_abs_value: float | None = None) -> None:
+    """Every LoRA tensor must fit a base module: A is (r, in), B is (out, r); with
+    max_abs_value, every value must be finite and at most that in magnitude. Reads the whole
+    file: run it off the event loop."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -144,3 +191,22 @@ def check_weights(folder: Path, shapes: BaseShapes, max_rank: int) -> None:
             if partner not in tensor_shapes or tensor_shapes[partner][1] != shape[0]:
                 raise InvalidArgument(f"adapter tensor {key!r} has no matching lora_B of rank "
                                       f"{shape[0]}")
+    if max_abs_value is not None:
+        check_values(folder, max_abs_value)
+
+
+def check_values(folder: Path, max_abs_value: float) -> None:
+    """Every tensor finite and within +-max_abs_value (one tensor in memory at a time)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(folder / ADAPTER_WEIGHTS_FILE), framework="pt") as f:
+        for key in f.keys():
+            tensor = f.get_tensor(key)
+            if not torch.isfinite(tensor).all():
+                raise InvalidArgument(f"adapter tensor {key!r} holds NaN or infinite values")
+            if tensor.numel() and tensor.abs().max().item() > max_abs_value:
+                raise InvalidArgument(
+                    f"adapter tensor {key!r} holds values up to {tensor.abs().max().item():.3g}; "
+                    f"this replica accepts at most {max_abs_value:g} (max_adapter_abs_value)"
+                )

@@ -2,8 +2,10 @@
 both adapter modes share. How a mode serves its versions is in lora.py and merged.py.
 
 Files live under `<data_dir>/policy/adapters/<name>/v<version>/` (the peft files and
-`rlhf_adapter.json`, what the push's checks found) and `state.json` records the active version
-and the newest version ever accepted per name, so a restart serves what was served before.
+`rlhf_adapter.json`, what the push's checks found, the base model among them) and `state.json`
+records the active version and the newest version ever accepted per name, so a restart serves
+what was served before. A restart restores only versions made for the base it serves; damaged
+folders and a damaged state.json are moved aside, and the replica serves what is intact.
 
 A request takes a lease on the version it runs on. Each name keeps its newest `keep_versions`
 versions (and the active one); older ones are retired: they take no new requests, and are
@@ -18,6 +20,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -27,7 +30,13 @@ from pathlib import Path
 
 from rlhf.files import atomic_write
 from rlhf.formats import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
-from rlhf.plumbing.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from rlhf.plumbing.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+)
 from services.policy.engine import AdapterHandle, Engine
 from services.policy.stats import EngineStats
 
@@ -36,6 +45,7 @@ log = logging.getLogger("rlhf.policy.adapters")
 NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 META_FILE = "rlhf_adapter.json"
 STATE_FILE = "state.json"
+SET_ASIDE = ".set-aside"  # damaged version folders are moved here at start-up
 
 Key = tuple[str, int]  # (name, version)
 
@@ -80,6 +90,8 @@ class Lease:
     kept: Kept | None = field(default=None, repr=False)
     pinned: bool = False
     epoch: int = 0  # the registry's weights_epoch when the lease was taken
+    # The call running under it (merged mode aborts pinned calls that hold a switch too long).
+    task: asyncio.Task | None = field(default=None, repr=False)
     # lora mode: engine requests still to be submitted under this lease, and what to tell the
     # push it waited for once they all are (lora.py).
     unsent: int = 0
@@ -163,34 +175,94 @@ class AdapterRegistry(abc.ABC):
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write(self.root / STATE_FILE, json.dumps(state, indent=1))
 
-    async def restore(self) -> None:
-        """Keeps the versions found on disk again and re-activates the active one (start-up)."""
+    def _read_state(self) -> dict:
+        """state.json, or {} when it is missing; a damaged one is moved aside (logged), so the
+        replica starts on the base model instead of failing at every start."""
         state_file = self.root / STATE_FILE
-        state = json.loads(state_file.read_text()) if state_file.exists() else {}
-        self._newest = {k: int(v) for k, v in (state.get("newest") or {}).items()}
+        if not state_file.exists():
+            return {}
+        try:
+            state = json.loads(state_file.read_text())
+            if not isinstance(state, dict):
+                raise ValueError("not an object")
+            active = state.get("active")
+            if active is not None:
+                check_name(active["name"])
+                int(active["version"])
+            newest = state.get("newest") or {}
+            state["newest"] = {check_name(k): int(v) for k, v in newest.items()}
+            return state
+        except (ValueError, KeyError, TypeError, OSError, InvalidArgument) as exc:
+            aside = state_file.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
+            os.replace(state_file, aside)
+            log.error("adapter state %s is damaged (%s); moved it to %s and serving the base "
+                      "model", state_file, exc, aside.name)
+            return {}
+
+    def _set_aside(self, folder: Path, reason: str) -> None:
+        aside = self.root / SET_ASIDE / f"{int(time.time())}-{folder.parent.name}-{folder.name}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, aside)
+        log.error("adapter folder %s is damaged (%s); moved it to %s", folder, reason, aside)
+
+    async def restore(self, base_model_id: str | None = None,
+                      check_folder: Callable[[Path], None] | None = None) -> None:
+        """Keeps the versions found on disk again and re-activates the active one (start-up).
+        Only versions made for `base_model_id` that pass `check_folder` (raising a
+        ServiceError when a version does not fit this base) are restored; others stay where
+        they are, for a replica of their own base, with a log line naming each."""
+        state = self._read_state()
+        self._newest = dict(state.get("newest") or {})
         found: list[Kept] = []
         for meta_path in sorted(self.root.glob(f"*/v*/{META_FILE}")):
+            folder = meta_path.parent
             try:
                 meta = json.loads(meta_path.read_text())
-                folder = meta_path.parent
                 if not ((folder / ADAPTER_WEIGHTS_FILE).exists()
                         and (folder / ADAPTER_CONFIG_FILE).exists()):
                     raise ValueError("files missing")
-                found.append(self._kept_from_meta(meta, folder))
-            except (ValueError, KeyError, OSError) as exc:
-                log.warning("ignoring damaged adapter folder %s: %s", meta_path.parent, exc)
+                kept = self._kept_from_meta(meta, folder)
+                if self.dir_for(*kept.key) != folder.resolve():
+                    raise ValueError(f"its record names {fmt(kept.key)}")
+            except (ValueError, KeyError, TypeError, OSError, InvalidArgument) as exc:
+                self._set_aside(folder, str(exc))
+                continue
+            name, version = kept.key
+            # Versions of a name only increase, whatever base they were made for.
+            self._newest[name] = max(self._newest.get(name, 0), version)
+            made_for = meta.get("base_model_id")
+            if base_model_id is not None and made_for != base_model_id:
+                log.warning("not restoring adapter %s: it was made for base model %r and this "
+                            "replica serves %r (left in %s)", fmt(kept.key), made_for,
+                            base_model_id, folder)
+                continue
+            if check_folder is not None:
+                try:
+                    check_folder(folder)
+                except ServiceError as exc:
+                    log.warning("not restoring adapter %s: it does not fit this replica's base "
+                                "model (%s; left in %s)", fmt(kept.key), exc.message, folder)
+                    continue
+            found.append(kept)
         active = state.get("active")
         active_key = (active["name"], int(active["version"])) if active else None
         for kept in sorted(found, key=lambda k: k.key):
-            name, version = kept.key
-            self._newest[name] = max(self._newest.get(name, 0), version)
-            await self._restore_version(kept)
+            try:
+                await self._restore_version(kept)
+            except Exception as exc:  # noqa: BLE001 - one bad version must not stop the replica
+                log.error("not restoring adapter %s: the engine refused it: %s", fmt(kept.key),
+                          exc)
+                continue
             self._kept[kept.key] = kept
         if active_key is not None and active_key in self._kept:
-            await self._restore_active(self._kept[active_key])
-            self.active = active_key
+            try:
+                await self._restore_active(self._kept[active_key])
+                self.active = active_key
+            except Exception as exc:  # noqa: BLE001
+                log.error("could not make %s active again (%s); serving the base model",
+                          fmt(active_key), exc)
         elif active_key is not None:
-            log.warning("active adapter %s is gone from disk; serving the base model",
+            log.warning("active adapter %s is not restored; serving the base model",
                         fmt(active_key))
         self._refresh_gauges()
         if self._kept:

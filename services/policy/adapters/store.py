@@ -111,12 +111,14 @@ class AdapterStore:
             try:
                 size = await self._receive(header, stream, staged)
                 self.stats.pushed_bytes.inc(size)
-                check_weights(staged, self.shapes, self.limits.max_rank)
+                # Reads every tensor: off the event loop, which keeps serving meanwhile.
+                await asyncio.to_thread(check_weights, staged, self.shapes, self.limits.max_rank,
+                                        self.limits.max_abs_value)
                 targets = peft["target_modules"]
                 meta = {
                     "name": name, "version": version, "sha256": header.sha256,
                     "size_bytes": size, "rank": peft["r"],
-                    "target_modules": sorted(targets) if isinstance(targets, list) else [targets],
+                    "target_modules": sorted(targets),
                     "base_model_id": header.base_model_id, "loaded_at": time.time(),
                 }
                 folder = self._install(staged, registry.dir_for(name, version), meta)

@@ -1,12 +1,18 @@
 """Runs started through TrainerService: one learner at a time, its state, and the history that
 WatchRun replays. Run folders live under runs_dir/<run_id>; starting an existing id resumes it
-from its last checkpoint."""
+from its last checkpoint.
+
+A request is checked before anything is built (ppo/requests.py: names, paths under the allowed
+roots, bounded numbers); the learner, which reads the prompts file, is built off the event loop.
+A run that ends, however it ends, drops its learner (model, optimizer, channels) so a trainer
+serving run after run keeps a flat memory footprint.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,10 +25,17 @@ from rlhf.v1 import trainer_pb2
 from services.trainer.config import TrainerConfig
 from services.trainer.ppo.learner import Hooks, Learner
 from services.trainer.ppo.metrics import TrainerMetrics, to_proto
+from services.trainer.ppo.requests import (
+    check_name,
+    check_path,
+    check_prompts_file,
+    check_target_modules,
+)
 from services.trainer.ppo.settings import PPOSettings
 
 log = logging.getLogger("rlhf.trainer.runs")
-RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Finished runs kept for GetRun/WatchRun; older ones are forgotten (their folders stay).
+KEPT_FINISHED_RUNS = 100
 ALGOS = {trainer_pb2.ALGORITHM_UNSPECIFIED: "ppo", trainer_pb2.ALGORITHM_PPO: "ppo",
          trainer_pb2.ALGORITHM_GRPO: "grpo", trainer_pb2.ALGORITHM_RLOO: "rloo"}
 STATES = {"pending": trainer_pb2.RUN_STATE_PENDING, "running": trainer_pb2.RUN_STATE_RUNNING,
@@ -56,8 +69,9 @@ class RunRecord:
     updated: float = field(default_factory=time.time)
     history: list = field(default_factory=list)  # WatchRunResponse messages, in order
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    learner: Learner | None = None
+    learner: Learner | None = None  # while the run is being driven; dropped when it ends
     task: asyncio.Task | None = None
+    stop_requested: bool = False
 
     def to_proto(self) -> trainer_pb2.Run:
         s = self.settings
@@ -84,14 +98,16 @@ def settings_to_proto(s: PPOSettings) -> trainer_pb2.RunConfig:
         target_kl=s.target_kl or 0.0, kl_estimator=s.kl_estimator, lora_rank=s.lora_rank,
         lora_alpha=s.lora_alpha, target_modules=s.target_modules, max_staleness=s.max_staleness,
         seed=s.seed, checkpoint_every=s.checkpoint_every, adapter_name=s.adapter_name,
-        push_quorum=s.push_quorum,
+        push_quorum=s.push_quorum, device=s.device, compute_dtype=s.compute_dtype,
+        micro_batch_size=s.micro_batch_size or 0, gradient_checkpointing=s.gradient_checkpointing,
     )
 
 
 def settings_from_proto(cfg: trainer_pb2.RunConfig, defaults: TrainerConfig,
-                        run_id: str) -> PPOSettings:
+                        run_id: str, policy_admin_token: str | None = None) -> PPOSettings:
     """A run's settings: the request's values over the trainer's configured defaults; the peers,
-    their TLS and the admin token always come from the trainer's config."""
+    their TLS and the policy's admin token always come from the trainer's config. Paths in the
+    request must lie under the trainer's allowed roots; InvalidArgument names what is wrong."""
     missing = [key for key in ("policy_addr", "reward_addr") if not getattr(defaults, key)]
     if missing:
         raise InvalidArgument(
@@ -99,38 +115,50 @@ def settings_from_proto(cfg: trainer_pb2.RunConfig, defaults: TrainerConfig,
             + ", ".join(f"--{k.replace('_', '-')} or {TrainerConfig.env_prefix()}{k.upper()}"
                         for k in missing)
             + "); it cannot start a run")
+    check_name(run_id, "run_id")
+    if cfg.algorithm not in ALGOS:
+        raise InvalidArgument(f"algorithm {cfg.algorithm} is not one of the Algorithm values")
+    roots = defaults.resolved_allowed_roots()
     values: dict = {"algo": ALGOS[cfg.algorithm]}
-    for name in ("model", "init_adapter"):
-        if getattr(cfg, name):
-            values[name] = getattr(cfg, name)
+    if cfg.model:
+        values["model"] = check_path(cfg.model, "model", roots, "dir")
+    if cfg.init_adapter:
+        values["init_adapter"] = check_path(cfg.init_adapter, "init_adapter", roots, "dir")
     if cfg.prompts_path:
-        values["prompts"] = cfg.prompts_path
+        values["prompts"] = check_path(cfg.prompts_path, "prompts_path", roots, "file")
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
-                 "ppo_epochs", "minibatch_size", "lora_rank", "checkpoint_every"):
+                 "ppo_epochs", "minibatch_size", "lora_rank", "checkpoint_every",
+                 "micro_batch_size", "device", "compute_dtype"):
         if getattr(cfg, name):
             values[name] = getattr(cfg, name)
     for name in ("temperature", "learning_rate", "clip_range", "clip_range_value", "gamma",
-                 "lam", "kl_coef", "lora_alpha", "max_staleness", "seed", "push_quorum"):
+                 "lam", "kl_coef", "lora_alpha", "max_staleness", "seed", "push_quorum",
+                 "gradient_checkpointing"):
         if cfg.HasField(name):
             values[name] = getattr(cfg, name)
-    if cfg.HasField("target_kl") and cfg.target_kl > 0:
-        values["target_kl"] = cfg.target_kl
+    if cfg.HasField("target_kl") and cfg.target_kl != 0:
+        values["target_kl"] = cfg.target_kl  # a negative or non-finite one is refused below
     if cfg.kl_estimator:
         values["kl_estimator"] = cfg.kl_estimator
     if cfg.target_modules:
-        values["target_modules"] = list(cfg.target_modules)
+        values["target_modules"] = check_target_modules(cfg.target_modules)
     if cfg.adapter_name:
-        values["adapter_name"] = cfg.adapter_name
+        values["adapter_name"] = check_name(cfg.adapter_name, "adapter_name")
     values.setdefault("model", defaults.model)
+    values.setdefault("device", defaults.device)
     values.setdefault("prompts", defaults.prompts)
+    if policy_admin_token is None:
+        policy_admin_token = defaults.resolved_policy_admin_token()
     values.update(policy_addr=defaults.policy_addr, reward_addr=defaults.reward_addr,
-                  client_tls=defaults.client_tls, admin_token=defaults.policy_admin_token,
+                  client_tls=defaults.client_tls, admin_token=policy_admin_token,
                   out=defaults.resolved_runs_dir() / run_id)
     try:
         settings = PPOSettings.load(None, **{k: v for k, v in values.items() if v is not None})
         settings.require_runnable()
     except ConfigError as exc:
         raise InvalidArgument(str(exc)) from None
+    # A default adapter name would make every run of every trainer share one version line.
+    check_name(settings.adapter_name, "adapter_name")
     return settings
 
 
@@ -139,6 +167,9 @@ class RunManager:
         self.config = config
         self.runs: dict[str, RunRecord] = {}
         self.metrics = TrainerMetrics()
+        self._policy_admin_token = config.resolved_policy_admin_token()
+        # StartRun checks "one run at a time" and builds the learner off the loop: one at once.
+        self._starting = asyncio.Lock()
 
     def get(self, run_id: str) -> RunRecord:
         record = self.runs.get(run_id)
@@ -151,33 +182,46 @@ class RunManager:
 
     async def start(self, run_id: str, cfg: trainer_pb2.RunConfig) -> RunRecord:
         run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        if not RUN_ID.match(run_id):
-            raise InvalidArgument(f"run_id {run_id!r} must be 1-64 characters of [A-Za-z0-9._-]")
-        busy = self.active()
-        if busy is not None:
-            raise FailedPrecondition(f"run {busy.run_id!r} is {busy.state}; one run trains at a "
-                                     "time per trainer (StopRun it first)")
-        settings = settings_from_proto(cfg, self.config, run_id)
-        record = RunRecord(run_id, settings)
-        try:
-            record.learner = Learner(settings, self._hooks(record))
-        except (ConfigError, ValueError, FileNotFoundError) as exc:
-            raise InvalidArgument(f"cannot start run: {exc}") from None
-        self.runs[run_id] = record
-        record.task = asyncio.create_task(self._drive(record))
+        check_name(run_id, "run_id")
+        async with self._starting:
+            busy = self.active()
+            if busy is not None:
+                raise FailedPrecondition(f"run {busy.run_id!r} is {busy.state}; one run trains "
+                                         "at a time per trainer (StopRun it first)")
+            settings = settings_from_proto(cfg, self.config, run_id, self._policy_admin_token)
+            record = RunRecord(run_id, settings)
+            try:
+                record.learner = await asyncio.to_thread(self._build_learner, settings, record)
+            except (ConfigError, ValueError, FileNotFoundError) as exc:
+                raise InvalidArgument(f"cannot start run: {exc}") from None
+            self.runs.pop(run_id, None)  # a resumed run's old record makes way
+            self.runs[run_id] = record
+            self._forget_old_runs()
+            record.task = asyncio.create_task(self._drive(record))
         return record
+
+    def _build_learner(self, settings: PPOSettings, record: RunRecord) -> Learner:
+        """Blocking (reads the prompts file): runs in a worker thread."""
+        check_prompts_file(settings.prompts, self.config.max_prompts_bytes)
+        return Learner(settings, self._hooks(record))
+
+    def _forget_old_runs(self) -> None:
+        finished = [r for r in self.runs.values() if r.state in FINAL]
+        for record in finished[:max(0, len(finished) - KEPT_FINISHED_RUNS)]:
+            del self.runs[record.run_id]
 
     async def stop(self, run_id: str) -> RunRecord:
         record = self.get(run_id)
-        if record.state not in FINAL:
+        if record.state not in FINAL and record.learner is not None:
             record.learner.stop_requested = True
             self._set_state(record, "stopping", "stopping after the current step")
         return record
 
     async def stop_all(self) -> None:
-        for record in self.runs.values():
+        for record in list(self.runs.values()):
             if record.task is not None and not record.task.done():
-                record.learner.stop_requested = True
+                if record.learner is not None:
+                    record.learner.stop_requested = True
                 record.task.cancel()
                 try:
                     await record.task
@@ -195,10 +239,28 @@ class RunManager:
             log.exception("run %s failed", record.run_id)
             self._set_state(record, "failed", f"{type(exc).__name__}: {exc}")
             return
-        if record.learner.stop_requested:
+        finally:
+            await self._release(record)
+        if record.stop_requested:
             self._set_state(record, "stopped", "stopped on request; resumable")
         else:
             self._set_state(record, "completed", "")
+
+    async def _release(self, record: RunRecord) -> None:
+        """Drops the run's learner, and with it the model, optimizer and the (closed) clients;
+        the run's figures stay on the record."""
+        learner, record.learner = record.learner, None
+        if learner is None:
+            return
+        record.step = max(record.step, learner.step)
+        record.version = max(record.version, learner.version)
+        record.stop_requested = learner.stop_requested
+        if learner.services is not None and not learner.services.policy.closed:
+            await learner.services.close()
+        del learner
+        # The model's tensors sit in reference cycles (modules <-> hooks): collect them now,
+        # not whenever the collector next runs.
+        await asyncio.to_thread(gc.collect)
 
     # ------------------------------------------------------------------ hooks
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from rlhf.plumbing.config import AddressList, ClientTLS, ConfigError
 from rlhf.plumbing.cpus import CpuList
@@ -20,6 +20,8 @@ DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 class PPOSettings(StageSettings):
+    # Every number has finite bounds: a run's settings come from StartRun requests too.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     what = "run config"
 
     algo: Literal["ppo", "grpo", "rloo"] = Field(
@@ -39,54 +41,85 @@ class PPOSettings(StageSettings):
         default_factory=ClientTLS, description="TLS for the calls to the policy and reward.")
     out: Path | None = Field(None, description="Run folder: checkpoints, metrics.jsonl, adapters "
                              "(resumes if it holds a checkpoint).")
-    steps: int = Field(20, ge=1, description="Optimisation steps of the run.")
-    prompts_per_step: int = Field(8, ge=1, description="Prompts per step (the global batch).")
+    steps: int = Field(20, ge=1, le=1_000_000, description="Optimisation steps of the run.")
+    prompts_per_step: int = Field(8, ge=1, le=4096,
+                                  description="Prompts per step (the global batch).")
     # GRPO/RLOO need a group (>= 2); PPO works with 1 but more samples per prompt are cheap in vLLM.
-    samples_per_prompt: int = Field(4, ge=1, description="Completions sampled per prompt.")
-    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per completion.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
-    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
-    ppo_epochs: int = Field(2, ge=1, description="Passes over each step's rollouts.")
-    minibatch_size: int = Field(8, ge=1, description="Sequences per optimizer step.")
-    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip range epsilon.")
-    clip_range_value: float = Field(0.2, gt=0, description="Value-update clip range.")
-    vf_coef: float = Field(0.5, ge=0, description="Weight of the value loss.")
+    samples_per_prompt: int = Field(4, ge=1, le=256, description="Completions sampled per prompt.")
+    max_new_tokens: int = Field(32, ge=1, le=32768, description="Tokens generated per completion.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature of rollouts.")
+    learning_rate: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate.")
+    ppo_epochs: int = Field(2, ge=1, le=100, description="Passes over each step's rollouts.")
+    minibatch_size: int = Field(8, ge=1, le=65536, description="Sequences per optimizer step.")
+    clip_range: float = Field(0.2, gt=0, le=10, description="PPO ratio clip range epsilon.")
+    clip_range_value: float = Field(0.2, gt=0, le=1e4, description="Value-update clip range.")
+    vf_coef: float = Field(0.5, ge=0, le=100, description="Weight of the value loss.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient beta (0: none).")
-    target_kl: float | None = Field(None, gt=0, description="Adaptive KL target; None = fixed.")
-    kl_horizon: int = Field(10000, ge=1, description="Time scale of the adaptive KL controller, "
-                            "in samples.")
+    kl_coef: float = Field(0.05, ge=0, le=100, description="KL penalty coefficient beta (0: none).")
+    target_kl: float | None = Field(None, gt=0, le=100,
+                                    description="Adaptive KL target; None = fixed.")
+    kl_horizon: int = Field(10000, ge=1, le=10**9, description="Time scale of the adaptive KL "
+                            "controller, in samples.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field(
         "k1", description="Per-token KL estimator of the penalty (Schulman 2020).")
     whiten_advantages: bool = Field(True, description="Normalise PPO advantages over the batch.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    lora_rank: int = Field(8, ge=1, description="LoRA rank of the policy (and critic).")
-    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Gradient clipping norm.")
+    # 512: the largest LoRA rank vLLM serves.
+    lora_rank: int = Field(8, ge=1, le=512, description="LoRA rank of the policy (and critic).")
+    lora_alpha: float = Field(16.0, gt=0, le=4096,
+                              description="LoRA alpha (scale = alpha / rank).")
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         description="Module names LoRA adapts.")
-    max_staleness: int = Field(0, ge=0, description="Adapter versions a rollout may lag the "
-                               "trained one; 0 = strictly on-policy.")
-    seed: int = Field(0, description="Seed of sampling, data order and initialisation.")
-    checkpoint_every: int = Field(1, ge=1, description="Save a checkpoint every N steps (and "
-                                  "always after the last step, or when stopped).")
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    max_staleness: int = Field(0, ge=0, le=1000, description="Adapter versions a rollout may lag "
+                               "the trained one; 0 = strictly on-policy.")
+    # Rollout seeds are derived as seed * 100_003 + ...; a 32-bit seed keeps them in the uint64
+    # the policy's SamplingParams.seed takes.
+    seed: int = Field(0, ge=0, le=2**32 - 1,
+                      description="Seed of sampling, data order and initialisation.")
+    checkpoint_every: int = Field(1, ge=1, le=1_000_000, description="Save a checkpoint every N "
+                                  "steps (and always after the last step, or when stopped).")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
     adapter_name: str = Field("policy", description="Adapter name pushed to the policy.")
     push_quorum: float = Field(1.0, gt=0, le=1,
                                description="Fraction of replicas that must confirm.")
-    admin_token: str | None = Field(None, description="Policy admin token (for pushes).")
-    retry_max_seconds: float = Field(600.0, gt=0, description="Give up waiting on a service after.")
-    rpc_timeout_seconds: float = Field(300.0, gt=0, description="Deadline of one call.")
-    compute_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Dtype of the learner's matmuls. bfloat16 (autocast) is about "
-        "twice as fast on CPUs with AMX; weights, optimizer state and losses stay float32.",
+    admin_token: str | None = Field(None, repr=False,
+                                    description="Policy admin token (for pushes).")
+    retry_max_seconds: float = Field(600.0, gt=0, le=86400,
+                                     description="Give up waiting on a service after.")
+    rpc_timeout_seconds: float = Field(300.0, gt=0, le=86400, description="Deadline of one call.")
+    device: str = Field(
+        "auto", description="Where the learner computes: auto (CUDA when available, else CPU), "
+        "cpu, cuda (under torchrun: cuda:LOCAL_RANK) or cuda:N.")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Dtype of the learner's matmuls (autocast); auto = bfloat16 on CUDA, "
+        "float32 on CPU. bfloat16 is about twice as fast on CPUs with AMX; LoRA weights, "
+        "optimizer state and losses stay float32.",
     )
+    micro_batch_size: int | None = Field(
+        None, ge=1, le=65536, description="Sequences per forward/backward pass: a minibatch is "
+        "split into micro batches whose gradients add up (gradient accumulation), so peak "
+        "memory follows this, not minibatch_size (default: a rank's whole minibatch share).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the decoder layers' activations in the backward pass "
+        "instead of keeping them: less memory, about one more forward pass of time.")
+    shard_base: bool = Field(
+        False, description="Under torchrun, shard the frozen base model's weights across the "
+        "ranks (PyTorch FSDP2 fully_shard) for a base larger than one device; the LoRA weights "
+        "stay whole on every rank.")
     cpu_cores: CpuList = Field(
         "", description="Run the learner on these CPU cores only, e.g. '4-7' (empty: all). On a "
         "machine shared with a CPU policy, give each its own cores so generation and training "
         "really overlap.",
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        from services.trainer.distributed import check_device
+
+        return check_device(value)
 
     @model_validator(mode="after")
     def _groups(self) -> PPOSettings:

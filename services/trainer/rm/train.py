@@ -263,7 +263,7 @@ class RewardTrainer:
     def _resume(self, ckpt_dir: Path, fingerprint: dict) -> dict:
         import torch
 
-        payload = torch.load(ckpt_dir / "state.pt", map_location=self.device, weights_only=False)
+        payload = torch.load(ckpt_dir / "state.pt", map_location=self.device, weights_only=True)
         old = payload["fingerprint"]
         differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         if differ:
