@@ -43,6 +43,8 @@ TRL_VERSION = "1.13.0"
 TARGET_WORDS = 12
 PROMPTS = 64
 SCRIPT = Path(__file__).resolve()
+# Our learner's phases (metrics.jsonl `time/<phase>`), reported as medians.
+PHASES = ("generate", "score", "train", "push")
 
 
 def length_reward(prompts, completions, **kwargs) -> list[float]:
@@ -203,9 +205,13 @@ async def run_ours(args, model: Path, root: Path) -> dict:
         if state == "running" and not rewards:
             marks[:] = [time.perf_counter()]
 
+    phases: dict[str, list[float]] = {}
+
     def on_metrics(metrics: dict) -> None:
         marks.append(time.perf_counter())
         rewards.append(metrics["reward/mean"])
+        for key in PHASES:
+            phases.setdefault(key, []).append(metrics.get(f"time/{key}", 0.0))
 
     try:
         settings = PPOSettings.load(
@@ -225,7 +231,10 @@ async def run_ours(args, model: Path, root: Path) -> dict:
         await reward.shutdown()
         await policy.shutdown()
     seconds = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-    return {"seconds": seconds, "rewards": rewards, "wall": wall}
+    medians = {key: round(C.median(v), 3) for key, v in phases.items()}
+    print("ours, median seconds by phase: "
+          + ", ".join(f"{key} {value:.2f}" for key, value in medians.items()), flush=True)
+    return {"seconds": seconds, "rewards": rewards, "wall": wall, "phases": medians}
 
 
 # ---------------------------------------------------------------------------------- both
@@ -248,7 +257,8 @@ def summarise(name: str, run: dict) -> dict:
     return {"seconds_per_step": round(median, 3), "reward_gain": round(gain, 4),
             "reward_gain_per_minute": round(per_minute, 4), "wall_seconds": round(run["wall"], 1),
             "step_seconds": [round(s, 3) for s in run["seconds"]],
-            "rewards": [round(r, 4) for r in run["rewards"]]}
+            "rewards": [round(r, 4) for r in run["rewards"]],
+            **({"phase_seconds": run["phases"]} if "phases" in run else {})}
 
 
 def main(args) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 
 from rlhf.clients import GaveUp
 from rlhf.plumbing.config import ClientTLS, ServerTLS
@@ -19,14 +18,7 @@ from services.trainer.ppo.learner import Hooks, Learner
 from tests.fixtures.certs import make_pki
 from tests.trainer.helpers import peers, run_settings
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model runs far faster on one thread than on two cores shared with other work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rows(out: Path) -> list[dict]:

@@ -28,14 +28,7 @@ PROMPTS = ["Say the colors.", "What comes next?", "Tell me a pattern.", "Hello t
            "Please answer.", "Go on."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two OpenMP threads on two cores shared with other work run this tiny model ~20x slower
-    # than one thread (threads spin-wait for each other).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

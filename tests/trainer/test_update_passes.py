@@ -23,12 +23,7 @@ from tests.trainer.test_ddp import MAX_ABS, MEAN_ABS, _rollouts, _settings, _tra
 ROWS = {"ppo": (5, 1), "grpo": (3, 2), "rloo": (3, 2)}  # prompts x samples per prompt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def step(model_dir, root, algo: str, plain: bool = False, **overrides):
