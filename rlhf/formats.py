@@ -6,6 +6,7 @@ Pure functions over protobuf messages and tokenizers; nothing here imports torch
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -119,3 +120,28 @@ ROLE_ALIASES: dict[str, str] = {"developer": "system"}
 def wire_role(role: str) -> str:
     """A chat role as the wire has it: an alias becomes its role in ROLES."""
     return ROLE_ALIASES.get(role, role)
+
+
+# ---- the base model an adapter belongs to --------------------------------------------------------
+
+# config.json keys that say how a folder was saved, not what the model is.
+_SAVE_ONLY_KEYS = frozenset({"transformers_version", "torch_dtype", "dtype", "_name_or_path"})
+
+
+def base_model_fingerprint(model_dir: Path) -> str:
+    """What makes two base-model folders the same model for a LoRA adapter, as 16 hex digits:
+    the sha256 of config.json (less the keys that only say how it was saved) and of the
+    tokenizer's files. Folder names can agree by chance; these cannot. "" when the folder has
+    no config.json (nothing to compare). Weights are not hashed: that would read gigabytes at
+    every start."""
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return ""
+    config = json.loads(config_file.read_text())
+    digest = hashlib.sha256(json.dumps(
+        {k: v for k, v in config.items() if k not in _SAVE_ONLY_KEYS}, sort_keys=True).encode())
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"):
+        if (model_dir / name).is_file():
+            digest.update(name.encode() + b"\0" + (model_dir / name).read_bytes())
+    return digest.hexdigest()[:16]

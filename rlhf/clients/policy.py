@@ -132,13 +132,15 @@ class PolicyClient(ServiceClient):
     async def push(self, folder: Path, name: str, version: int, base_model_id: str, *,
                    token: str | None = None, activate: bool = True, quorum: float = 1.0,
                    attempts: int = 5, timeout: float = 120.0,
-                   request_id: str | None = None) -> PushResult:
+                   request_id: str | None = None, base_model_fingerprint: str = "") -> PushResult:
         """Pushes to every replica; returns once `quorum` (a share) of them confirmed, the
         others' refusals recorded, or raises GaveUp.
 
         A refusal is tried again `attempts` times in all. While the quorum is short because
         replicas are unreachable (restarting), they are waited for (on_wait is told) up to the
-        client's retry budget, like any other call."""
+        client's retry budget, like any other call. `base_model_fingerprint`
+        (rlhf.formats.base_model_fingerprint of the trainer's own model) lets the replicas refuse
+        an adapter of another model whose folder has the same name."""
         targets = self.endpoints()
         need = quorum * len(targets)
         result = PushResult(version)
@@ -150,7 +152,7 @@ class PolicyClient(ServiceClient):
         while pending:
             outcomes = await asyncio.gather(*(
                 self._push_one(ep, folder, name, version, base_model_id, token, activate,
-                               timeout, metadata) for ep in pending))
+                               timeout, metadata, base_model_fingerprint) for ep in pending))
             still = []
             for endpoint, error in zip(pending, outcomes, strict=True):
                 if error is None:
@@ -189,13 +191,14 @@ class PolicyClient(ServiceClient):
 
     async def _push_one(self, endpoint: str, folder: Path, name: str, version: int,
                         base_model_id: str, token: str | None, activate: bool, timeout: float,
-                        metadata: Metadata) -> str | None:
+                        metadata: Metadata, base_model_fingerprint: str = "") -> str | None:
         # A fresh channel per attempt: a replica that restarts is dialled again at once, not
         # after a kept channel's reconnect backoff.
         channel = self.open_channel(endpoint)
         try:
             await push_adapter(channel, folder, name, version, base_model_id, token=token,
-                               activate=activate, timeout=timeout, metadata=metadata)
+                               activate=activate, timeout=timeout, metadata=metadata,
+                               base_model_fingerprint=base_model_fingerprint)
             return None
         except grpc.aio.AioRpcError as exc:
             return f"{exc.code().name}: {exc.details()}"

@@ -23,7 +23,7 @@ CHUNK_BYTES = 1024 * 1024
 
 def push_requests(
     folder: Path, name: str, version: int, base_model_id: str, *, activate: bool = True,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int = CHUNK_BYTES, base_model_fingerprint: str = "",
 ) -> Iterator[policy_pb2.PushAdapterRequest]:
     folder = Path(folder)
     data = (folder / ADAPTER_WEIGHTS_FILE).read_bytes()
@@ -34,6 +34,7 @@ def push_requests(
         base_model_id=base_model_id,
         peft_config_json=(folder / ADAPTER_CONFIG_FILE).read_text(),
         skip_activate=not activate,
+        base_model_fingerprint=base_model_fingerprint,
     )
     yield policy_pb2.PushAdapterRequest(header=header)
     for start in range(0, len(data), chunk_bytes):
@@ -48,12 +49,13 @@ def admin_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 async def push_adapter(
     channel: grpc.aio.Channel, folder: Path, name: str, version: int, base_model_id: str, *,
     token: str | None = None, activate: bool = True, timeout: float = 120.0,
-    metadata: tuple[tuple[str, str], ...] = (),
+    metadata: tuple[tuple[str, str], ...] = (), base_model_fingerprint: str = "",
 ) -> policy_pb2.PushAdapterResponse:
     """One push on `channel` (one replica); a refusal raises grpc.aio.AioRpcError."""
     stub = policy_pb2_grpc.PolicyServiceStub(channel)
     return await stub.PushAdapter(
-        push_requests(folder, name, version, base_model_id, activate=activate),
+        push_requests(folder, name, version, base_model_id, activate=activate,
+                      base_model_fingerprint=base_model_fingerprint),
         metadata=admin_metadata(token) + tuple(metadata), timeout=timeout,
     )
 

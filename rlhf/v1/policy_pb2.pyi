@@ -199,20 +199,22 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, index: _Optional[int] = ..., text_delta: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_string: _Optional[str] = ..., served_by: _Optional[_Union[ServedBy, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., finished_by: _Optional[_Union[ServedBy, _Mapping]] = ...) -> None: ...
 
 class AdapterHeader(_message.Message):
-    __slots__ = ("adapter", "sha256", "size_bytes", "base_model_id", "peft_config_json", "skip_activate")
+    __slots__ = ("adapter", "sha256", "size_bytes", "base_model_id", "peft_config_json", "skip_activate", "base_model_fingerprint")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PEFT_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SKIP_ACTIVATE_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     adapter: AdapterRef
     sha256: str
     size_bytes: int
     base_model_id: str
     peft_config_json: str
     skip_activate: bool
-    def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., base_model_id: _Optional[str] = ..., peft_config_json: _Optional[str] = ..., skip_activate: _Optional[bool] = ...) -> None: ...
+    base_model_fingerprint: str
+    def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., base_model_id: _Optional[str] = ..., peft_config_json: _Optional[str] = ..., skip_activate: _Optional[bool] = ..., base_model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class PushAdapterRequest(_message.Message):
     __slots__ = ("header", "data")
@@ -289,7 +291,7 @@ class PolicyServiceGetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PolicyServiceGetInfoResponse(_message.Message):
-    __slots__ = ("server", "base_model_id", "max_model_len", "max_n", "max_prompts_per_request", "max_lora_rank", "max_adapter_bytes", "keep_versions", "adapter_mode", "active", "engine", "dtype", "default_max_tokens")
+    __slots__ = ("server", "base_model_id", "max_model_len", "max_n", "max_prompts_per_request", "max_lora_rank", "max_adapter_bytes", "keep_versions", "adapter_mode", "active", "engine", "dtype", "default_max_tokens", "base_model_fingerprint")
     SERVER_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +305,7 @@ class PolicyServiceGetInfoResponse(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     server: _common_pb2.ServerInfo
     base_model_id: str
     max_model_len: int
@@ -316,4 +319,5 @@ class PolicyServiceGetInfoResponse(_message.Message):
     engine: str
     dtype: str
     default_max_tokens: int
-    def __init__(self, server: _Optional[_Union[_common_pb2.ServerInfo, _Mapping]] = ..., base_model_id: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_n: _Optional[int] = ..., max_prompts_per_request: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ..., keep_versions: _Optional[int] = ..., adapter_mode: _Optional[_Union[AdapterMode, str]] = ..., active: _Optional[_Union[ServedBy, _Mapping]] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., default_max_tokens: _Optional[int] = ...) -> None: ...
+    base_model_fingerprint: str
+    def __init__(self, server: _Optional[_Union[_common_pb2.ServerInfo, _Mapping]] = ..., base_model_id: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_n: _Optional[int] = ..., max_prompts_per_request: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ..., keep_versions: _Optional[int] = ..., adapter_mode: _Optional[_Union[AdapterMode, str]] = ..., active: _Optional[_Union[ServedBy, _Mapping]] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., default_max_tokens: _Optional[int] = ..., base_model_fingerprint: _Optional[str] = ...) -> None: ...

@@ -14,6 +14,7 @@ import logging
 
 import grpc
 
+from rlhf.formats import base_model_fingerprint
 from rlhf.plumbing.auth import AdminAuthInterceptor, require_admin_token
 from rlhf.plumbing.command import service_command
 from rlhf.plumbing.errors import FailedPrecondition, Unavailable
@@ -114,7 +115,9 @@ class PolicyApp:
             limits = PushLimits(base_model_id=cfg.resolved_base_model_id(),
                                 max_rank=cfg.max_lora_rank, max_bytes=cfg.max_adapter_bytes,
                                 max_abs_value=cfg.max_adapter_abs_value,
-                                max_alpha=cfg.max_lora_alpha)
+                                max_alpha=cfg.max_lora_alpha,
+                                base_model_fingerprint=base_model_fingerprint(
+                                    cfg.resolved_model()))
             store = AdapterStore(registry, limits, shapes, self.stats)
             store.clear_staging()
             await registry.restore(

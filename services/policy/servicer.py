@@ -232,6 +232,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return policy_pb2.PolicyServiceGetInfoResponse(
             server=server_info("policy", self.is_ready() and healthy),
             base_model_id=cfg.resolved_base_model_id(),
+            base_model_fingerprint=self.store.limits.base_model_fingerprint,
             max_model_len=self.engine.max_model_len,
             max_n=cfg.max_n,
             max_prompts_per_request=cfg.max_prompts_per_request,

@@ -121,13 +121,15 @@ class Services:
         return check_scores(response, len(items), f"reward at {self.reward.address}")
 
     async def push(self, folder: Path, version: int, base_model_id: str, token: str | None,
-                   quorum: float, attempts: int = 5) -> PushResult:
+                   quorum: float, attempts: int = 5,
+                   base_model_fingerprint: str = "") -> PushResult:
         """Pushes to every replica; returns once `quorum` of them confirmed (the others are
         recorded), or raises GaveUp. Refusals are retried `attempts` times; while the quorum is
         not met because replicas are unreachable (restarting), the run waits for them up to
         retry_max seconds, like every other call to a service."""
         return await self.policy.push(folder, self.adapter_name, version, base_model_id,
-                                      token=token, quorum=quorum, attempts=attempts)
+                                      token=token, quorum=quorum, attempts=attempts,
+                                      base_model_fingerprint=base_model_fingerprint)
 
 
 def check_generate(resp: policy_pb2.GenerateResponse, prompts: int, n: int, max_tokens: int,

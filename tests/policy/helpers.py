@@ -122,6 +122,9 @@ def bad_pushes(folder: Path, tmp: Path):
             grpc.StatusCode.INVALID_ARGUMENT, "more than the"),
         "wrong base": (_header_and_data(folder, base_model_id="llama-70b"),
                        grpc.StatusCode.FAILED_PRECONDITION, "trained on base model 'llama-70b'"),
+        "same base name, other model": (
+            _header_and_data(folder, base_model_fingerprint="0123456789abcdef"),
+            grpc.StatusCode.FAILED_PRECONDITION, "config and tokenizer differ"),
         "too large": (_header_and_data(folder, size_bytes=10**12),
                       grpc.StatusCode.INVALID_ARGUMENT, "at most"),
         "wrong shapes": (_header_and_data(_bad_tensors(tmp, folder)),
@@ -155,7 +158,8 @@ def bad_pushes(folder: Path, tmp: Path):
 
 
 BAD_PUSHES = [
-    "hash mismatch", "truncated stream", "more bytes than announced", "wrong base", "too large",
+    "hash mismatch", "truncated stream", "more bytes than announced", "wrong base",
+    "same base name, other model", "too large",
     "wrong shapes", "rank too big", "unknown module", "not safetensors", "path traversal name",
     "dot name", "empty stream", "data first", "two headers", "bad peft json", "bad sha format",
 ]

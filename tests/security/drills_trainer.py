@@ -336,15 +336,19 @@ async def trainer_wait_final(stub, run_id: str, timeout: float = 240) -> trainer
     return await asyncio.wait_for(wait(), timeout)
 
 
+@pytest.mark.parametrize("folder", ["tiny-other", "tiny"], ids=["other name", "same name"])
 async def test_a_trainer_on_another_base_model_is_refused_at_its_first_push(
-        tiny_model_dir, tmp_path):
+        tiny_model_dir, tmp_path, folder):
     """24.4: a trainer whose model is another tiny model (another vocabulary, so the LoRA
     shapes on the attention projections still match) pushes its first adapter with its own
-    model's id; the policy refuses it and the run fails saying which bases differ."""
+    model's id and fingerprint; the policy refuses it and the run fails saying which bases
+    differ, also when the other model's folder has the policy's model's name (the id alone
+    would pass: the fingerprint of config and tokenizer catches it)."""
     from rlhf.models.tiny import make_tiny_model
 
     data = tmp_path / "trainer"
-    other = make_tiny_model(data / "models" / "tiny-other", seed=3, vocab_size=600)
+    other = make_tiny_model(data / "models" / folder, seed=3, vocab_size=600)
+    assert (other.name == tiny_model_dir.name) == (folder == "tiny")
     async with peers(tiny_model_dir, tmp_path / "peers") as (policy_addr, reward_addr):
         cfg = trainer_config(data, policy_addr=[policy_addr], reward_addr=[reward_addr],
                              model=tiny_model_dir)
@@ -357,7 +361,11 @@ async def test_a_trainer_on_another_base_model_is_refused_at_its_first_push(
             listed = await policy_pb2_grpc.PolicyServiceStub(channel).ListAdapters(
                 policy_pb2.ListAdaptersRequest(name="policy"), timeout=30)
     assert run.state == trainer_pb2.RUN_STATE_FAILED, run.message
-    assert "tiny-other" in run.message and "base model" in run.message, run.message
+    assert "base model" in run.message, run.message
+    if folder == "tiny-other":
+        assert "tiny-other" in run.message, run.message
+    else:
+        assert "config and tokenizer differ" in run.message, run.message
     assert run.step == 0 and not listed.adapters
 
 

@@ -59,6 +59,7 @@ class PushLimits:
     max_bytes: int
     max_abs_value: float = 1000.0
     max_alpha: float = 4096.0
+    base_model_fingerprint: str = ""  # "" = the served base has none to compare
 
 
 def _no_constants(name: str):
@@ -109,6 +110,13 @@ def check_header(header: policy_pb2.AdapterHeader, limits: PushLimits,
         raise FailedPrecondition(
             f"adapter was trained on base model {header.base_model_id!r}; this replica serves "
             f"{limits.base_model_id!r}"
+        )
+    if (header.base_model_fingerprint and limits.base_model_fingerprint
+            and header.base_model_fingerprint != limits.base_model_fingerprint):
+        raise FailedPrecondition(
+            f"adapter was trained on a base model named {header.base_model_id!r} whose config "
+            f"and tokenizer differ from this replica's (base model fingerprint "
+            f"{header.base_model_fingerprint} != {limits.base_model_fingerprint})"
         )
     try:
         peft = json.loads(header.peft_config_json, parse_constant=_no_constants)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from rlhf.files import atomic_write
+from rlhf.formats import base_model_fingerprint
 from rlhf.plumbing.cpus import parse_cpu_list, pin_process
 from services.trainer import rl_math
 from services.trainer.clients import Sample, Services
@@ -194,8 +195,11 @@ class Learner:
     async def _lead(self, resumed: Path | None) -> None:
         """Rank 0 (the only rank of a plain run): rollouts, training steps, checkpoints, pushes."""
         s = self.s
-        # The id of this learner's own base: a policy serving another base refuses the push.
+        # The id and fingerprint of this learner's own base: a policy serving another base
+        # refuses the push, also one whose folder has the same name.
         self.base_model_id = s.resolved_base_model_id()
+        self.base_model_fingerprint = await asyncio.to_thread(base_model_fingerprint,
+                                                              s.resolved_model())
         if resumed is not None:
             newest = await self.services.newest_version()
             if newest > self.version:
@@ -304,8 +308,9 @@ class Learner:
             f.write(json.dumps(metrics) + "\n")
 
     async def _push(self, folder: Path, version: int) -> None:
-        result = await self.services.push(folder, version, self.base_model_id,
-                                          self.s.admin_token, self.s.push_quorum)
+        result = await self.services.push(
+            folder, version, self.base_model_id, self.s.admin_token, self.s.push_quorum,
+            base_model_fingerprint=self.base_model_fingerprint)
         for endpoint, error in result.refused.items():
             self.hooks.on_event("push_failed", f"v{version} on {endpoint}: {error}")
         self.hooks.on_event("adapter_pushed",
