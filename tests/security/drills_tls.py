@@ -90,18 +90,32 @@ def tls_record():
     return SimpleNamespace(prompt="Say a word.", messages=None, meta={})
 
 
+def tls_services(pki: Pki, policy_port: int, reward_port: int, adapter_name: str) -> Services:
+    """The trainer's clients of one policy and one reward replica, over mutual TLS."""
+    return Services([f"127.0.0.1:{policy_port}"], [f"127.0.0.1:{reward_port}"], adapter_name,
+                    tls=tls_client(pki), retry_max=5)
+
+
+async def push_and_sample(services: Services, adapter: Path, model_dir: Path,
+                          policy_port: int) -> list[Sample]:
+    """Pushes `adapter` as v1 with the admin token, then samples two completions pinned to it;
+    asserts the replica confirmed the push and answered both."""
+    result = await services.push(adapter, 1, model_dir.name, ADMIN, quorum=1.0)
+    assert result.confirmed == [f"127.0.0.1:{policy_port}"]
+    samples = await services.generate([tls_record()], n=2, max_tokens=4, temperature=1.0,
+                                      seed=1, version=1)
+    assert len(samples) == 2
+    return samples
+
+
 async def test_trainer_to_policy_and_reward_over_mtls(tls_peers, tiny_model_dir, tls_adapter):
     """24.3: the trainer's calls (rollouts, the push carrying the admin token, scores) go over
     mutual TLS from its client_tls config; the token still gates the push inside the tunnel."""
     pki, policy, reward = tls_peers
-    services = Services([f"127.0.0.1:{policy.port}"], [f"127.0.0.1:{reward.server.port}"],
-                        "tls-run", tls=tls_client(pki), retry_max=5)
+    services = tls_services(pki, policy.port, reward.server.port, "tls-run")
     try:
-        result = await services.push(tls_adapter, 1, tiny_model_dir.name, ADMIN, quorum=1.0)
-        assert result.confirmed == [f"127.0.0.1:{policy.port}"]
-        samples = await services.generate([tls_record()], n=2, max_tokens=4, temperature=1.0,
-                                          seed=1, version=1)
-        assert len(samples) == 2 and all(s.adapter_version == 1 for s in samples)
+        samples = await push_and_sample(services, tls_adapter, tiny_model_dir, policy.port)
+        assert all(s.adapter_version == 1 for s in samples)
         scores = await services.score([tls_record()], [Sample(0, [], [], "four", [], 1)])
         assert scores == [pytest.approx(1.0)]
         # mTLS is no substitute for the token: a push without it is refused.
@@ -295,14 +309,10 @@ async def test_trainer_pushes_to_a_real_vllm_policy_over_mtls(tiny_model_dir, tm
                             tls=tls_server(pki))
     policy = await GrpcServer(cfg, PolicyApp(cfg)).start()
     reward = await start_reward(["rule:length?target=4&unit=chars"], tls=tls_server(pki))
-    services = Services([f"127.0.0.1:{policy.port}"], [f"127.0.0.1:{reward.server.port}"],
-                        "vllm-tls", tls=tls_client(pki), retry_max=5)
+    services = tls_services(pki, policy.port, reward.server.port, "vllm-tls")
     try:
-        result = await services.push(tls_adapter, 1, tiny_model_dir.name, ADMIN, quorum=1.0)
-        assert result.confirmed == [f"127.0.0.1:{policy.port}"]
-        samples = await services.generate([tls_record()], n=2, max_tokens=4, temperature=1.0,
-                                          seed=1, version=1)
-        assert len(samples) == 2 and all(s.completion_ids for s in samples)
+        samples = await push_and_sample(services, tls_adapter, tiny_model_dir, policy.port)
+        assert all(s.completion_ids for s in samples)
         scores = await services.score([tls_record()], samples)
         assert len(scores) == 2
         async with PolicyClient(f"127.0.0.1:{policy.port}", ClientTLS(ca_file=pki.ca),
