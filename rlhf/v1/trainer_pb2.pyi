@@ -56,7 +56,7 @@ RUN_EVENT_KIND_CHECKPOINT_SAVED: RunEventKind
 RUN_EVENT_KIND_WAITING: RunEventKind
 
 class RunConfig(_message.Message):
-    __slots__ = ("algorithm", "model", "init_adapter", "prompts_path", "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature", "learning_rate", "ppo_epochs", "minibatch_size", "clip_range", "clip_range_value", "gamma", "lam", "kl_coef", "target_kl", "kl_estimator", "lora_rank", "lora_alpha", "target_modules", "max_staleness", "seed", "checkpoint_every", "adapter_name", "push_quorum", "device", "compute_dtype", "micro_batch_size", "gradient_checkpointing")
+    __slots__ = ("algorithm", "model", "init_adapter", "prompts_path", "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature", "learning_rate", "ppo_epochs", "minibatch_size", "clip_range", "clip_range_value", "gamma", "lam", "kl_coef", "target_kl", "kl_estimator", "lora_rank", "lora_alpha", "target_modules", "max_staleness", "seed", "checkpoint_every", "adapter_name", "push_quorum", "device", "compute_dtype", "micro_batch_size", "gradient_checkpointing", "loss_type", "clip_range_low", "clip_range_high", "mismatch_correction", "mismatch_threshold", "dynamic_sampling", "max_refill_rounds", "overlong", "overlong_buffer", "overlong_penalty", "report_to")
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INIT_ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,17 @@ class RunConfig(_message.Message):
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_RANGE_LOW_FIELD_NUMBER: _ClassVar[int]
+    CLIP_RANGE_HIGH_FIELD_NUMBER: _ClassVar[int]
+    MISMATCH_CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    MISMATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DYNAMIC_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MAX_REFILL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    OVERLONG_FIELD_NUMBER: _ClassVar[int]
+    OVERLONG_BUFFER_FIELD_NUMBER: _ClassVar[int]
+    OVERLONG_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    REPORT_TO_FIELD_NUMBER: _ClassVar[int]
     algorithm: Algorithm
     model: str
     init_adapter: str
@@ -119,10 +130,21 @@ class RunConfig(_message.Message):
     compute_dtype: str
     micro_batch_size: int
     gradient_checkpointing: bool
-    def __init__(self, algorithm: _Optional[_Union[Algorithm, str]] = ..., model: _Optional[str] = ..., init_adapter: _Optional[str] = ..., prompts_path: _Optional[str] = ..., steps: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., samples_per_prompt: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., learning_rate: _Optional[float] = ..., ppo_epochs: _Optional[int] = ..., minibatch_size: _Optional[int] = ..., clip_range: _Optional[float] = ..., clip_range_value: _Optional[float] = ..., gamma: _Optional[float] = ..., lam: _Optional[float] = ..., kl_coef: _Optional[float] = ..., target_kl: _Optional[float] = ..., kl_estimator: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_staleness: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., adapter_name: _Optional[str] = ..., push_quorum: _Optional[float] = ..., device: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., micro_batch_size: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ...) -> None: ...
+    loss_type: str
+    clip_range_low: float
+    clip_range_high: float
+    mismatch_correction: str
+    mismatch_threshold: float
+    dynamic_sampling: bool
+    max_refill_rounds: int
+    overlong: str
+    overlong_buffer: int
+    overlong_penalty: float
+    report_to: str
+    def __init__(self, algorithm: _Optional[_Union[Algorithm, str]] = ..., model: _Optional[str] = ..., init_adapter: _Optional[str] = ..., prompts_path: _Optional[str] = ..., steps: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., samples_per_prompt: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., learning_rate: _Optional[float] = ..., ppo_epochs: _Optional[int] = ..., minibatch_size: _Optional[int] = ..., clip_range: _Optional[float] = ..., clip_range_value: _Optional[float] = ..., gamma: _Optional[float] = ..., lam: _Optional[float] = ..., kl_coef: _Optional[float] = ..., target_kl: _Optional[float] = ..., kl_estimator: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_staleness: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., adapter_name: _Optional[str] = ..., push_quorum: _Optional[float] = ..., device: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., micro_batch_size: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., loss_type: _Optional[str] = ..., clip_range_low: _Optional[float] = ..., clip_range_high: _Optional[float] = ..., mismatch_correction: _Optional[str] = ..., mismatch_threshold: _Optional[float] = ..., dynamic_sampling: _Optional[bool] = ..., max_refill_rounds: _Optional[int] = ..., overlong: _Optional[str] = ..., overlong_buffer: _Optional[int] = ..., overlong_penalty: _Optional[float] = ..., report_to: _Optional[str] = ...) -> None: ...
 
 class StepMetrics(_message.Message):
-    __slots__ = ("step", "reward_mean", "reward_std", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "logprob_mismatch", "staleness", "samples_per_second", "generate_seconds", "score_seconds", "train_seconds", "push_seconds", "adapter_version", "kl_coef", "step_seconds", "peak_memory_gb")
+    __slots__ = ("step", "reward_mean", "reward_std", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "logprob_mismatch", "staleness", "samples_per_second", "generate_seconds", "score_seconds", "train_seconds", "push_seconds", "adapter_version", "kl_coef", "step_seconds", "peak_memory_gb", "mismatch_ratio_mean", "mismatch_ratio_max", "mismatch_masked_share", "mismatch_kl")
     STEP_FIELD_NUMBER: _ClassVar[int]
     REWARD_MEAN_FIELD_NUMBER: _ClassVar[int]
     REWARD_STD_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +165,10 @@ class StepMetrics(_message.Message):
     KL_COEF_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
+    MISMATCH_RATIO_MEAN_FIELD_NUMBER: _ClassVar[int]
+    MISMATCH_RATIO_MAX_FIELD_NUMBER: _ClassVar[int]
+    MISMATCH_MASKED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    MISMATCH_KL_FIELD_NUMBER: _ClassVar[int]
     step: int
     reward_mean: float
     reward_std: float
@@ -163,7 +189,11 @@ class StepMetrics(_message.Message):
     kl_coef: float
     step_seconds: float
     peak_memory_gb: float
-    def __init__(self, step: _Optional[int] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., kl: _Optional[float] = ..., entropy: _Optional[float] = ..., policy_loss: _Optional[float] = ..., value_loss: _Optional[float] = ..., clipfrac: _Optional[float] = ..., approx_kl: _Optional[float] = ..., logprob_mismatch: _Optional[float] = ..., staleness: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., generate_seconds: _Optional[float] = ..., score_seconds: _Optional[float] = ..., train_seconds: _Optional[float] = ..., push_seconds: _Optional[float] = ..., adapter_version: _Optional[int] = ..., kl_coef: _Optional[float] = ..., step_seconds: _Optional[float] = ..., peak_memory_gb: _Optional[float] = ...) -> None: ...
+    mismatch_ratio_mean: float
+    mismatch_ratio_max: float
+    mismatch_masked_share: float
+    mismatch_kl: float
+    def __init__(self, step: _Optional[int] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., kl: _Optional[float] = ..., entropy: _Optional[float] = ..., policy_loss: _Optional[float] = ..., value_loss: _Optional[float] = ..., clipfrac: _Optional[float] = ..., approx_kl: _Optional[float] = ..., logprob_mismatch: _Optional[float] = ..., staleness: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., generate_seconds: _Optional[float] = ..., score_seconds: _Optional[float] = ..., train_seconds: _Optional[float] = ..., push_seconds: _Optional[float] = ..., adapter_version: _Optional[int] = ..., kl_coef: _Optional[float] = ..., step_seconds: _Optional[float] = ..., peak_memory_gb: _Optional[float] = ..., mismatch_ratio_mean: _Optional[float] = ..., mismatch_ratio_max: _Optional[float] = ..., mismatch_masked_share: _Optional[float] = ..., mismatch_kl: _Optional[float] = ...) -> None: ...
 
 class Run(_message.Message):
     __slots__ = ("run_id", "state", "config", "step", "adapter_version", "last_metrics", "message", "out_dir", "created_at", "updated_at")

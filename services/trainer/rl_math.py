@@ -1,5 +1,6 @@
-"""The math of RLHF as small pure torch functions: PPO, GRPO and RLOO (KL, advantages, losses)
-and the reward model's losses and figures (Bradley-Terry pairs, binned ratings).
+"""The math of RLHF as small pure torch functions: PPO, GRPO and RLOO (KL, advantages, the value
+loss) and the reward model's losses and figures (Bradley-Terry pairs, binned ratings). The policy
+losses and the mismatch correction are in losses.py.
 
 Only torch is imported, so this module and its tests load without vLLM, gRPC or transformers.
 Names follow the papers and cleanrl's `ppo.py` (`delta`, `lastgaelam`, `pg_loss1/2`, `clipfrac`,
@@ -344,50 +345,8 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses
+# The critic's loss
 # ---------------------------------------------------------------------------------------------
-
-
-def ppo_policy_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_range: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate objective, as a loss to minimise.
-
-        ratio    = exp(logp - old_logp)
-        pg_loss1 = -A * ratio
-        pg_loss2 = -A * clip(ratio, 1 - eps, 1 + eps)
-        loss     = mean over valid tokens of max(pg_loss1, pg_loss2)
-
-    logp (current policy, with grad), old_logp (behaviour policy), advantages, mask: [B, T].
-    Returns (loss scalar, stats) with stats as floats:
-      clipfrac     share of valid tokens whose |ratio - 1| > clip_range
-      approx_kl    mean of (ratio - 1) - logratio: the k3 estimator of KL(old || new), which is
-                   unbiased and never negative (Schulman 2020; cleanrl `approx_kl`)
-      ratio_mean, ratio_max   over valid tokens
-    Source: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7; cleanrl
-    `ppo.py` (`pg_loss1`, `pg_loss2`, `clipfracs`, `approx_kl`).
-    """
-    logratio = logp - old_logp  # [B, T]
-    ratio = torch.exp(logratio)  # [B, T]
-    pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
-    with torch.no_grad():
-        valid = mask.to(torch.bool)
-        clipfrac = masked_mean(((ratio - 1.0).abs() > clip_range).to(ratio.dtype), mask)
-        approx_kl_ = masked_mean((ratio - 1.0) - logratio, mask)
-        ratio_valid = ratio[valid]
-        stats = {
-            "clipfrac": float(clipfrac),
-            "approx_kl": float(approx_kl_),
-            "ratio_mean": float(ratio_valid.mean()) if ratio_valid.numel() else 1.0,
-            "ratio_max": float(ratio_valid.max()) if ratio_valid.numel() else 1.0,
-        }
-    return loss, stats
 
 
 def clipped_value_loss(
@@ -493,6 +452,64 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (pd * logits).sum(dim=-1)
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Direct preference optimisation
+# ---------------------------------------------------------------------------------------------
+#
+# Inputs are sequence log-probabilities: the sum over a response's tokens of log pi(token) under
+# the trained policy (logp_*) and under the frozen reference (ref_logp_*), one value per pair,
+# [B] each. The policy's implicit reward of a response is beta * (logp - ref_logp) (Rafailov et
+# al. 2023, eq. 5 up to a term of the prompt alone, which cancels within a pair).
+
+
+def dpo_implicit_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta * (logp - ref_logp): the reward the policy implicitly assigns a response. [B] -> [B].
+    Source: Rafailov et al. 2023, "Direct Preference Optimization", section 5.
+    """
+    return beta * (logp - ref_logp)
+
+
+def dpo_log_ratio_margin(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor,
+                         ref_logp_chosen: torch.Tensor,
+                         ref_logp_rejected: torch.Tensor) -> torch.Tensor:
+    """h = (logp_c - ref_c) - (logp_r - ref_r): how much more the policy than the reference
+    prefers chosen over rejected, in log-probability. [B] x 4 -> [B]."""
+    return (logp_chosen - ref_logp_chosen) - (logp_rejected - ref_logp_rejected)
+
+
+def dpo_sigmoid_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor,
+                     ref_logp_chosen: torch.Tensor, ref_logp_rejected: torch.Tensor,
+                     beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The DPO loss, averaged over the pairs: -log sigmoid(beta * h), h as in
+    `dpo_log_ratio_margin`. With label smoothing eps (the share of pairs assumed mislabelled):
+    -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h). [B] x 4 -> scalar.
+
+    Source: Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is
+    Secretly a Reward Model", eq. 7; label smoothing: Mitchell 2023, "A note on DPO with noisy
+    preferences" (conservative DPO), as TRL's `label_smoothing`.
+    """
+    h = beta * dpo_log_ratio_margin(logp_chosen, logp_rejected, ref_logp_chosen,
+                                    ref_logp_rejected)
+    logsig = torch.nn.functional.logsigmoid
+    return (-(1.0 - label_smoothing) * logsig(h) - label_smoothing * logsig(-h)).mean()
+
+
+def ipo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor,
+             ref_logp_chosen: torch.Tensor, ref_logp_rejected: torch.Tensor,
+             beta: float) -> torch.Tensor:
+    """The IPO loss, averaged over the pairs: (h - 1 / (2 beta))^2, h as in
+    `dpo_log_ratio_margin`. A squared loss with a finite target margin, so a pair the policy
+    already prefers strongly is pulled back rather than pushed further (the DPO loss only
+    flattens). Here beta is the regularisation strength tau of the paper. [B] x 4 -> scalar.
+
+    Source: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+    Preferences", eq. 17 (sampled IPO).
+    """
+    h = dpo_log_ratio_margin(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected)
+    return ((h - 1.0 / (2.0 * beta)) ** 2).mean()
+
+
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
@@ -501,10 +518,14 @@ __all__ = [
     "bt_loss",
     "clipped_value_loss",
     "concordance",
+    "dpo_implicit_rewards",
+    "dpo_log_ratio_margin",
+    "dpo_sigmoid_loss",
     "entropy_from_logits",
     "expected_rating",
     "gae",
     "group_advantages",
+    "ipo_loss",
     "kl_k1",
     "kl_k2",
     "kl_k3",
@@ -515,6 +536,5 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "pairwise_accuracy",
-    "ppo_policy_loss",
     "rloo_advantages",
 ]

@@ -41,7 +41,8 @@ class StageSettings(BaseModel):
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or '<root>'}: "
-                + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+                + ("unknown key" if e["type"] == "extra_forbidden"
+                   else e["msg"].removeprefix("Value error, "))
                 for e in exc.errors()
             )
             raise ConfigError(f"invalid {cls.what} ({source}): {problems}") from None

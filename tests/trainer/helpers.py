@@ -13,9 +13,10 @@ from tests.fixtures.policy_helpers import ADMIN
 
 
 @asynccontextmanager
-async def peers(model_dir: Path, data_dir: Path, tls: ServerTLS | None = None):
-    """(policy address, reward address) of a FakeEngine policy serving `model_dir` and a rule
-    reward, for the duration of the block."""
+async def peers(model_dir: Path, data_dir: Path, tls: ServerTLS | None = None,
+                scorer: str = "rule:length?target=20&unit=chars"):
+    """(policy address, reward address) of a FakeEngine policy serving `model_dir` and a reward
+    with `scorer` (a rule by default), for the duration of the block."""
     from services.policy.app import PolicyApp
     from services.policy.config import PolicyConfig
     from services.policy.fake_engine import FakeEngine
@@ -27,7 +28,7 @@ async def peers(model_dir: Path, data_dir: Path, tls: ServerTLS | None = None):
     pcfg = PolicyConfig.load(model=model_dir, data_dir=data_dir / "policy", max_model_len=512,
                              admin_token=ADMIN, **common)
     policy = await GrpcServer(pcfg, PolicyApp(pcfg, engine=FakeEngine(vocab_size=512))).start()
-    rcfg = RewardConfig.load(scorer=["rule:length?target=20&unit=chars"], **common)
+    rcfg = RewardConfig.load(scorer=[scorer], **common)
     reward = await GrpcServer(rcfg, RewardApp(rcfg)).start()
     try:
         yield f"127.0.0.1:{policy.port}", f"127.0.0.1:{reward.port}"

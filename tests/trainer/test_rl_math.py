@@ -233,35 +233,6 @@ def test_rloo_advantages_by_hand():
 # --------------------------------------------------------------------------------------------
 
 
-def test_ppo_policy_loss_two_tokens_by_hand():
-    # token 0: ratio 1.5, A = +1 -> pg1 = -1.5, pg2 = -1.2 (clipped at 1.2) -> max = -1.2
-    # token 1: ratio 0.9, A = -2 -> pg1 = pg2 = 1.8 (inside the clip range)
-    # token 2: padding with junk, must not count
-    old_logp = torch.log(torch.tensor([[0.5, 0.5, 0.5]]))
-    logp = torch.log(torch.tensor([[0.75, 0.45, 0.01]])).requires_grad_()
-    advantages = torch.tensor([[1.0, -2.0, 100.0]])
-    mask = torch.tensor([[1, 1, 0]])
-    loss, stats = pm.ppo_policy_loss(logp, old_logp, advantages, mask, clip_range=0.2)
-    assert loss.item() == pytest.approx((-1.2 + 1.8) / 2)
-    assert stats["clipfrac"] == pytest.approx(0.5)
-    expected_kl = ((0.5 - math.log(1.5)) + (-0.1 - math.log(0.9))) / 2
-    assert stats["approx_kl"] == pytest.approx(expected_kl)
-    assert stats["ratio_mean"] == pytest.approx(1.2)
-    assert stats["ratio_max"] == pytest.approx(1.5)
-    loss.backward()
-    # clipped token: no gradient; unclipped: d/dlogp of -A * ratio / 2 = 2 * 0.9 / 2
-    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.9, 0.0]]))
-
-
-def test_ppo_policy_loss_on_policy_is_minus_mean_advantage():
-    logp = torch.randn(3, 4)
-    adv = torch.randn(3, 4)
-    mask = _ragged_mask([4, 2, 1], 4)
-    loss, stats = pm.ppo_policy_loss(logp, logp.clone(), adv, mask, clip_range=0.2)
-    assert loss.item() == pytest.approx(-float(pm.masked_mean(adv, mask)), abs=1e-6)
-    assert stats["clipfrac"] == 0.0 and stats["approx_kl"] == 0.0 and stats["ratio_max"] == 1.0
-
-
 def test_clipped_value_loss_by_hand():
     # token 0: v=1, old=0, R=2, clip 0.2 -> v_clipped 0.2; (1-2)^2=1 < (0.2-2)^2=3.24 -> 3.24
     # token 1: v=0.1 inside the clip -> both 0.01

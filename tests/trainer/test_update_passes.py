@@ -121,13 +121,19 @@ def test_the_kl_estimate_is_computed_once_per_step(tiny_model_dir, tmp_path, alg
     calls = []
     real = rl_math.approx_kl
 
+    in_loss = []  # GRPO's KL term in the loss: one call per micro batch, with gradients
+
     def counted(*args, **kwargs):
-        calls.append(args[0])
+        (in_loss if args[1].requires_grad else calls).append(args[0])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rl_math, "approx_kl", counted)
     before, after, stats, learner = step(tiny_model_dir, tmp_path, algo, ppo_epochs=1)
     assert calls == ["k1"]
+    if algo == "grpo":
+        assert in_loss and set(in_loss) == {"k1"}
+    else:
+        assert in_loss == []
     # ... and it is the reference KL the step reports, on the policy before the update.
     model = learner.model
     samples = _rollouts(*ROWS[algo])

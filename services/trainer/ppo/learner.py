@@ -38,10 +38,11 @@ from services.trainer import rl_math
 from services.trainer.clients import Sample, Services
 from services.trainer.data import read_prompts
 from services.trainer.distributed import World, resolve_device, world
-from services.trainer.ppo import checkpoint
+from services.trainer.ppo import checkpoint, sampling
 from services.trainer.ppo.actor_critic import ActorCritic
 from services.trainer.ppo.settings import PPOSettings
 from services.trainer.ppo.update import Update
+from services.trainer.tracking import Tracker, open_tracker, settings_config
 
 log = logging.getLogger("rlhf.trainer")
 
@@ -55,6 +56,8 @@ class Rollouts:
     samples: list[Sample]
     generate_seconds: float
     score_seconds: float
+    figures: dict = field(default_factory=dict)  # sampling/* (ppo/sampling.py)
+    cursor: dict = field(default_factory=dict)  # the data cursor just after these prompts
 
 
 @dataclass
@@ -87,6 +90,9 @@ class DataCursor:
             self.index += 1
         return picked
 
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "order": list(self.order)}
+
 
 class Learner:
     def __init__(self, settings: PPOSettings, hooks: Hooks | None = None,
@@ -103,12 +109,16 @@ class Learner:
         self.step = 0
         self.version = 0  # adapter version the policy serves for this run (0 = none yet)
         self.cursor = DataCursor()
+        # The cursor after the prompts of the last trained step: what a checkpoint saves, so a
+        # resumed run redraws the prompts of rollouts that were prefetched but not trained.
+        self.trained_cursor: dict | None = None
         self.services: Services | None = None
         self.model: ActorCritic | None = None
         self.update: Update | None = None
         self.saved_step = 0  # the step of the newest checkpoint
         self._last_metrics: dict | None = None
         self._mid_update = False  # inside a step's collectives (a failure there ends all ranks)
+        self.tracker = Tracker()  # rank 0 opens the settings' trackers when the run starts
 
     # ------------------------------------------------------------------ set-up and resume
 
@@ -182,6 +192,9 @@ class Learner:
         try:
             await asyncio.to_thread(self._build)
             resumed = await asyncio.to_thread(self._resume)
+            self.tracker = await asyncio.to_thread(
+                open_tracker, s.report_to, self.out, settings_config(s),
+                start_step=self.step + 1)
             try:
                 await self._lead(resumed)
             finally:
@@ -190,6 +203,7 @@ class Learner:
                     # when this rank failed between steps, so they exit instead of timing out).
                     await asyncio.to_thread(self.world.broadcast_object, None)
         finally:
+            await asyncio.to_thread(self.tracker.close)
             await self.services.close()
 
     async def _lead(self, resumed: Path | None) -> None:
@@ -244,18 +258,30 @@ class Learner:
             self.hooks.on_event("checkpoint_saved", str(folder))
 
     async def _rollouts(self) -> Rollouts:
+        """The step's scored batch, with dynamic sampling's refills (ppo/sampling.py); every
+        draw samples the version served when the batch started."""
         s = self.s
-        idx = self.cursor.take(s.prompts_per_step, len(self.prompts), s.seed)
-        records = [self.prompts[i] for i in idx]
-        start = time.perf_counter()
-        seed = s.seed * 100_003 + self.cursor.epoch * 10_007 + self.cursor.index
-        samples = await self.services.generate(records, s.samples_per_prompt, s.max_new_tokens,
-                                               s.temperature, seed, self.version)
-        generated = time.perf_counter()
-        scores = await self.services.score(records, samples)
-        for smp, score in zip(samples, scores, strict=True):
-            smp.score = score
-        return Rollouts(samples, generated - start, time.perf_counter() - generated)
+        version = self.version
+        seconds = {"generate": 0.0, "score": 0.0}
+
+        async def draw(n: int) -> list[Sample]:
+            idx = self.cursor.take(n, len(self.prompts), s.seed)
+            records = [self.prompts[i] for i in idx]
+            start = time.perf_counter()
+            seed = s.seed * 100_003 + self.cursor.epoch * 10_007 + self.cursor.index
+            samples = await self.services.generate(records, s.samples_per_prompt,
+                                                   s.max_new_tokens, s.temperature, seed, version)
+            generated = time.perf_counter()
+            scores = await self.services.score(records, samples)
+            for smp, score in zip(samples, scores, strict=True):
+                smp.score = score
+            seconds["generate"] += generated - start
+            seconds["score"] += time.perf_counter() - generated
+            return samples
+
+        batch = await sampling.collect(draw, s)
+        return Rollouts(batch.samples, seconds["generate"], seconds["score"], batch.figures(),
+                        self.cursor.state())
 
     async def _train_step(self, rollouts: Rollouts, stale: list[int]) -> None:
         s = self.s
@@ -266,9 +292,11 @@ class Learner:
         trained = time.perf_counter()
         self.step += 1
         self.version += 1
+        self.trained_cursor = rollouts.cursor
         metrics = {
             "step": self.step,
             **stats,
+            **rollouts.figures,
             "adapter/version": self.version,
             "adapter/staleness": sum(stale) / len(stale),
             "kl/coef": self.kl_ctl.value,
@@ -276,6 +304,10 @@ class Learner:
             "time/score": rollouts.score_seconds,
             "time/train": trained - start,
         }
+        # Which reward model scored the step, so a change of reward scale is visible.
+        reward_versions = sorted({smp.reward_version for smp in rollouts.samples} - {""})
+        if reward_versions:
+            metrics["reward/model_version"] = ",".join(reward_versions)
         self._last_metrics = metrics
         if self.step % s.checkpoint_every == 0 or self.step >= s.steps or self.stop_requested:
             folder = await asyncio.to_thread(self._checkpoint, metrics)
@@ -296,8 +328,7 @@ class Learner:
 
     def _checkpoint(self, metrics: dict | None) -> Path:
         state = {"version": self.version, "kl_ctl": self.kl_ctl.state_dict(), "metrics": metrics,
-                 "cursor": {"epoch": self.cursor.epoch, "index": self.cursor.index,
-                            "order": self.cursor.order}}
+                 "cursor": self.trained_cursor or self.cursor.state()}
         folder = checkpoint.save(self.out, self.step, model=self.model, optimizer=self.optimizer,
                                  state=state, keep=self.s.keep_checkpoints)
         self.saved_step = self.step
@@ -306,6 +337,7 @@ class Learner:
     def _append_metrics(self, metrics: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        self.tracker.log(metrics, metrics["step"])
 
     async def _push(self, folder: Path, version: int) -> None:
         result = await self.services.push(

@@ -29,6 +29,11 @@ PROTO_FIELDS = {
     "time/step": "step_seconds",
     "throughput/samples_per_s": "samples_per_second",
     "memory/peak_gb": "peak_memory_gb",    # CUDA max allocated, or the process's peak RSS
+    # pi_learner_old / pi_vllm on the sampled tokens (services/trainer/losses.py)
+    "mismatch/ratio_mean": "mismatch_ratio_mean",
+    "mismatch/ratio_max": "mismatch_ratio_max",
+    "mismatch/masked_share": "mismatch_masked_share",  # dropped by the MIS correction
+    "mismatch/kl": "mismatch_kl",          # KL(pi_vllm || pi_learner_old) per token, nats
 }
 # In metrics.jsonl only (no wire field): mean completion length in tokens, and the passes of the
 # step by kind, in whole-batch units (services/trainer/ppo/update.py).

@@ -100,6 +100,12 @@ def settings_to_proto(s: PPOSettings) -> trainer_pb2.RunConfig:
         seed=s.seed, checkpoint_every=s.checkpoint_every, adapter_name=s.adapter_name,
         push_quorum=s.push_quorum, device=s.device, compute_dtype=s.compute_dtype,
         micro_batch_size=s.micro_batch_size or 0, gradient_checkpointing=s.gradient_checkpointing,
+        report_to=s.report_to,
+        loss_type=s.loss_type, clip_range_low=s.clip_bounds()[0],
+        clip_range_high=s.clip_bounds()[1], mismatch_correction=s.mismatch_correction,
+        mismatch_threshold=s.mismatch_threshold, dynamic_sampling=s.dynamic_sampling,
+        max_refill_rounds=s.max_refill_rounds, overlong=s.overlong,
+        overlong_buffer=s.overlong_buffer, overlong_penalty=s.overlong_penalty,
     )
 
 
@@ -128,18 +134,23 @@ def settings_from_proto(cfg: trainer_pb2.RunConfig, defaults: TrainerConfig,
         values["prompts"] = check_path(cfg.prompts_path, "prompts_path", roots, "file")
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
                  "ppo_epochs", "minibatch_size", "lora_rank", "checkpoint_every",
-                 "micro_batch_size", "device", "compute_dtype"):
+                 "micro_batch_size", "device", "compute_dtype", "loss_type",
+                 "mismatch_correction", "overlong"):
         if getattr(cfg, name):
             values[name] = getattr(cfg, name)
     for name in ("temperature", "learning_rate", "clip_range", "clip_range_value", "gamma",
                  "lam", "kl_coef", "lora_alpha", "max_staleness", "seed", "push_quorum",
-                 "gradient_checkpointing"):
+                 "gradient_checkpointing", "clip_range_low", "clip_range_high",
+                 "mismatch_threshold", "dynamic_sampling", "max_refill_rounds",
+                 "overlong_buffer", "overlong_penalty"):
         if cfg.HasField(name):
             values[name] = getattr(cfg, name)
     if cfg.HasField("target_kl") and cfg.target_kl != 0:
         values["target_kl"] = cfg.target_kl  # a negative or non-finite one is refused below
     if cfg.kl_estimator:
         values["kl_estimator"] = cfg.kl_estimator
+    if cfg.report_to:
+        values["report_to"] = cfg.report_to  # checked with the settings: names, packages
     if cfg.target_modules:
         values["target_modules"] = check_target_modules(cfg.target_modules)
     if cfg.adapter_name:

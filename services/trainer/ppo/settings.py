@@ -14,6 +14,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from rlhf.plumbing.config import AddressList, ClientTLS, ConfigError
 from rlhf.plumbing.cpus import CpuList
 from services.trainer.settings import StageSettings
+from services.trainer.tracking import REPORT_TO_HELP, ReportTo
 
 # The attention projections, as vLLM serves LoRA on them.
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -52,6 +53,12 @@ class PPOSettings(StageSettings):
     ppo_epochs: int = Field(2, ge=1, le=100, description="Passes over each step's rollouts.")
     minibatch_size: int = Field(8, ge=1, le=65536, description="Sequences per optimizer step.")
     clip_range: float = Field(0.2, gt=0, le=10, description="PPO ratio clip range epsilon.")
+    clip_range_low: float | None = Field(
+        None, gt=0, le=10, description="Lower clip of the ratio, 1 - clip_range_low (default: "
+        "clip_range).")
+    clip_range_high: float | None = Field(
+        None, gt=0, le=10, description="Upper clip of the ratio, 1 + clip_range_high (default: "
+        "clip_range; DAPO's Clip-Higher uses 0.28 with 0.2 below).")
     clip_range_value: float = Field(0.2, gt=0, le=1e4, description="Value-update clip range.")
     vf_coef: float = Field(0.5, ge=0, le=100, description="Weight of the value loss.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
@@ -62,7 +69,20 @@ class PPOSettings(StageSettings):
     kl_horizon: int = Field(10000, ge=1, le=10**9, description="Time scale of the adaptive KL "
                             "controller, in samples.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field(
-        "k1", description="Per-token KL estimator of the penalty (Schulman 2020).")
+        "k1", description="Per-token KL estimator of the penalty (Schulman 2020), in PPO's "
+        "rewards and in GRPO/RLOO's loss term.")
+    # dapo (token-mean, symmetric clip by default) is PPO's own loss, so all algos share one
+    # default; the table of docs/trainer.md (bench/recipes.py) says which suits grpo best.
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "gspo", "cispo"] = Field(
+        "dapo", description="Policy loss (services/trainer/losses.py): grpo (sequence-mean), "
+        "dapo (token-mean), dr_grpo (no std, constant normaliser), gspo (sequence ratio), "
+        "cispo (clipped, detached IS weight). ppo takes dapo only: PPO's own clipped surrogate.")
+    mismatch_correction: Literal["none", "tis", "mis_token", "mis_seq"] = Field(
+        "tis", description="Correction of the vLLM/learner logprob mismatch: tis (truncated IS "
+        "weight min(r, C) per token), mis_token / mis_seq (drop tokens / sequences whose ratio "
+        "leaves [1/C, C]) or none; r = pi_learner_old / pi_vllm.")
+    mismatch_threshold: float = Field(
+        2.0, gt=1, le=1e4, description="C of mismatch_correction: the TIS cap, the MIS band.")
     whiten_advantages: bool = Field(True, description="Normalise PPO advantages over the batch.")
     max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Gradient clipping norm.")
     # 512: the largest LoRA rank vLLM serves.
@@ -89,6 +109,7 @@ class PPOSettings(StageSettings):
     retry_max_seconds: float = Field(600.0, gt=0, le=86400,
                                      description="Give up waiting on a service after.")
     rpc_timeout_seconds: float = Field(300.0, gt=0, le=86400, description="Deadline of one call.")
+    report_to: ReportTo = Field("none", description=REPORT_TO_HELP)
     device: str = Field(
         "auto", description="Where the learner computes: auto (CUDA when available, else CPU), "
         "cpu, cuda (under torchrun: cuda:LOCAL_RANK) or cuda:N.")
@@ -108,6 +129,22 @@ class PPOSettings(StageSettings):
         False, description="Under torchrun, shard the frozen base model's weights across the "
         "ranks (PyTorch FSDP2 fully_shard) for a base larger than one device; the LoRA weights "
         "stay whole on every rank.")
+    # Dynamic sampling and overlong shaping (services/trainer/ppo/sampling.py).
+    dynamic_sampling: bool = Field(
+        False, description="Drop prompt groups whose rewards are all equal (no group-relative "
+        "signal) and refill the step with further prompts (DAPO); grpo and rloo only.")
+    max_refill_rounds: int = Field(
+        3, ge=0, le=1000, description="Extra draws of prompts a step makes to refill dropped "
+        "groups; then it trains on the groups it has.")
+    overlong: Literal["none", "penalty", "filter"] = Field(
+        "none", description="Completions that reach max_new_tokens: none, penalty (DAPO's soft "
+        "overlong punishment over the last overlong_buffer tokens) or filter (out of the loss).")
+    overlong_buffer: int = Field(
+        8, ge=1, le=32768, description="Tokens before max_new_tokens where the overlong penalty "
+        "starts (at most max_new_tokens).")
+    overlong_penalty: float = Field(
+        1.0, ge=0, le=100, description="Overlong penalty at max_new_tokens (subtracted from the "
+        "reward).")
     cpu_cores: CpuList = Field(
         "", description="Run the learner on these CPU cores only, e.g. '4-7' (empty: all). On a "
         "machine shared with a CPU policy, give each its own cores so generation and training "
@@ -125,6 +162,24 @@ class PPOSettings(StageSettings):
     def _groups(self) -> PPOSettings:
         if self.algo in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ValueError(f"{self.algo} needs samples_per_prompt >= 2 (a group to compare)")
+        if self.algo == "ppo" and self.loss_type != "dapo":
+            raise ValueError(f"loss_type {self.loss_type!r} is for grpo and rloo; ppo keeps its "
+                             "clipped surrogate (loss_type dapo)")
+        return self
+
+    def clip_bounds(self) -> tuple[float, float]:
+        """(clip_low, clip_high): the ratio is clipped to [1 - clip_low, 1 + clip_high]."""
+        return (self.clip_range if self.clip_range_low is None else self.clip_range_low,
+                self.clip_range if self.clip_range_high is None else self.clip_range_high)
+
+    @model_validator(mode="after")
+    def _sampling(self) -> PPOSettings:
+        if self.dynamic_sampling and self.algo == "ppo":
+            raise ValueError("dynamic_sampling drops groups without a group-relative signal: "
+                             "it needs algo grpo or rloo")
+        if self.overlong == "penalty" and self.overlong_buffer > self.max_new_tokens:
+            raise ValueError(f"overlong_buffer ({self.overlong_buffer}) must be at most "
+                             f"max_new_tokens ({self.max_new_tokens})")
         return self
 
     def resolved_model(self) -> Path:

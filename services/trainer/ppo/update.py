@@ -2,8 +2,10 @@
 
     old logprobs, reference logprobs (adapters off), critic values: no-grad passes
     -> KL-shaped per-token rewards -> advantages (GAE, or group-relative / leave-one-out)
-    -> ppo_epochs passes over minibatches: clipped policy loss (+ k3 KL term for GRPO/RLOO),
-       clipped value loss, one optimizer step per minibatch
+    -> ppo_epochs passes over minibatches: the policy loss of `loss_type` (losses.py; + the KL
+       term of `kl_estimator` for GRPO/RLOO), each token's term weighted by the mismatch
+       correction (pi_learner_old / pi_vllm: TIS or MIS), clipped value loss, one optimizer step
+       per minibatch
 
 No pass is done that the step does not need:
 - the rows of the first minibatch of the first epoch take their old logprobs (and entropy) from
@@ -16,8 +18,9 @@ No pass is done that the step does not need:
 once); docs/trainer.md lists them per algorithm.
 
 A rank's rows go through the model `micro_batch_size` at a time (gradient accumulation: each
-micro batch's loss is weighted by its share of the rank's tokens), so peak memory follows the
-micro batch. With a sharded base (FSDP2) every forward pass is a collective: all ranks then run
+micro batch's loss is weighted by its share of the rank's denominator, `losses.row_weights`:
+tokens for the token means, rows for the sequence means), so peak memory follows the micro
+batch. With a sharded base (FSDP2) every forward pass is a collective: all ranks then run
 the same number of passes, a rank short of rows running a pass of weight 0 (`lockstep`).
 
 Under torchrun every rank builds the whole global batch (the same padding as one process) and
@@ -32,6 +35,7 @@ import resource
 
 import torch
 
+from services.trainer import losses
 from services.trainer import rl_math as rl
 from services.trainer.clients import Sample
 from services.trainer.distributed import World
@@ -70,9 +74,12 @@ class Update:
         mask = batch.response_mask                                        # [B, T]
         scores = torch.tensor([x.score for x in samples]).to(dev)         # [B]
         behaviour = torch.zeros(mask.shape)
+        known = torch.zeros(mask.shape)  # 1 where vLLM returned the token's logprob
         for i, x in enumerate(samples):
             behaviour[i, : len(x.behaviour_logprobs)] = torch.tensor(x.behaviour_logprobs)
+            known[i, : len(x.behaviour_logprobs)] = 1.0
         behaviour = behaviour.to(dev)
+        known = known.to(dev) * mask                                      # [B, T]
         n = len(samples)
         # Every epoch's minibatches, drawn first (rank 0's order on every rank; the passes
         # draw no random numbers, so the order is the one drawn epoch by epoch).
@@ -106,15 +113,21 @@ class Update:
                 advantages = rl.masked_whiten(advantages, mask)
         else:
             group = s.samples_per_prompt
-            seq_adv = (rl.group_advantages(scores, group) if s.algo == "grpo"
-                       else rl.rloo_advantages(scores, group))
+            # Dr. GRPO drops the group std (its bias toward groups of similar scores).
+            seq_adv = (rl.group_advantages(scores, group,
+                                           normalize_std=s.loss_type != "dr_grpo")
+                       if s.algo == "grpo" else rl.rloo_advantages(scores, group))
             advantages = seq_adv[:, None].expand_as(mask) * mask
             returns = None
 
+        # Rows kept out of the loss (ppo/sampling.py's overlong filter): their scores count in
+        # the advantages above, their tokens in nothing below.
+        if out := [i for i, x in enumerate(samples) if not x.in_loss]:
+            mask[out] = 0
         sums = dict.fromkeys(UPDATE_FIGURES, 0.0)
         updates = 0
         params = model.trainable_parameters()
-        tokens = mask.sum(-1).tolist()  # [B] response tokens per row
+        tokens = losses.row_weights(s.loss_type, mask).tolist()  # [B] loss denominator per row
         for epoch, epoch_minibatches in enumerate(minibatches):
             for k, idx in enumerate(epoch_minibatches):
                 rows = idx.tolist()
@@ -126,7 +139,7 @@ class Update:
                     params, len(rows), lambda pos, rows=rows: sum(tokens[rows[p]] for p in pos),
                     lambda pos, scale, rows=rows, fill=fill: self._minibatch(
                         batch, rows, pos, scale, fill, tokens, old_logp, ref_logp, old_values,
-                        advantages, returns),
+                        advantages, returns, behaviour, known),
                     UPDATE_FIGURES, lockstep=self.lockstep)
                 if fill is not None:
                     world.sum_(fill)
@@ -154,6 +167,9 @@ class Update:
             mean_kl = float(kl.sum(-1).mean())
             self.kl_ctl.update(mean_kl, n)
             stats["kl/ref"] = mean_kl
+        weights = losses.mismatch_weights(s.mismatch_correction, old_logp, behaviour, known,
+                                          s.mismatch_threshold)
+        stats.update(losses.mismatch_stats(old_logp, behaviour, known, weights))
         return {
             **stats,
             "policy/entropy": float(rl.masked_mean(entropy, mask)),
@@ -181,7 +197,7 @@ class Update:
 
     def _minibatch(self, batch: Batch, rows: list[int], pos: list[int], scale: float,
                    fill: torch.Tensor | None, tokens: list[float], old_logp, ref_logp,
-                   old_values, advantages, returns) -> dict[str, float]:
+                   old_values, advantages, returns, behaviour, known) -> dict[str, float]:
         """Backward passes of the loss of this rank's rows of a minibatch (`rows[p]` for p in
         `pos`) times `scale`, one micro batch at a time; their figures. In each micro batch
         the policy's graph is freed before the critic's forward pass."""
@@ -206,13 +222,17 @@ class Update:
                 fill[slots, 0], fill[slots, 1] = old, entropy
             else:
                 old = old_logp[at]
-            pg_loss, pg_stats = rl.ppo_policy_loss(logp, old, advantages[at], mb.response_mask,
-                                                   s.clip_range)
+            correction = losses.mismatch_weights(s.mismatch_correction, old, behaviour[at],
+                                                 known[at], s.mismatch_threshold)
+            pg_loss, pg_stats = losses.policy_loss(
+                s.loss_type, logp, old, advantages[at], mb.response_mask, *s.clip_bounds(),
+                correction, max_new_tokens=s.max_new_tokens)
             loss = pg_loss
             if s.algo != "ppo" and self.kl_ctl.value > 0:
-                # GRPO/RLOO keep the reference close with a k3 penalty in the loss.
-                loss = loss + self.kl_ctl.value * rl.masked_mean(rl.kl_k3(logp, ref_logp[at]),
-                                                                 mb.response_mask)
+                # GRPO/RLOO keep the reference close with a KL term in the loss.
+                loss = loss + self.kl_ctl.value * losses.aggregate(
+                    s.loss_type, rl.approx_kl(s.kl_estimator, logp, ref_logp[at]),
+                    mb.response_mask, s.max_new_tokens)
             (loss * (scale * part)).backward()
             vf_loss = 0.0
             if s.algo == "ppo":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from rlhf.plumbing.config import ConfigError
 from services.trainer.settings import option
 from services.trainer.sft.settings import DEFAULT_TARGET_MODULES, SFTSettings
 
@@ -38,6 +39,7 @@ def _option(name: str, *decls: str, **kwargs):
               f"[default: {','.join(DEFAULT_TARGET_MODULES)}]")
 @_option("seed")
 @_option("packing", "--no-packing", flag_value=False, show_default=False)
+@_option("report_to")
 def train_sft(**flags) -> None:
     """LoRA supervised fine-tuning; writes a peft adapter folder that PPO starts from.
 
@@ -47,7 +49,10 @@ def train_sft(**flags) -> None:
     from services.trainer.errors import DataError, TrainError
     from services.trainer.sft.train import resolve_device, run_sft
 
-    settings = SFTSettings(**flags)
+    try:
+        settings = SFTSettings.load(None, **flags)
+    except ConfigError as exc:  # e.g. --report-to naming a package not installed
+        raise click.UsageError(str(exc)) from None
     backend = "nccl" if resolve_device(settings.device).type == "cuda" else "gloo"
     with process_group(backend) as ranks:
         try:

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from rlhf.paths import default_model_dir
 from services.trainer.settings import StageSettings
+from services.trainer.tracking import REPORT_TO_HELP, ReportTo
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -44,6 +45,7 @@ class SFTSettings(StageSettings):
                           "blocks, no padding wasted; off (--no-packing): one padded row per "
                           "example.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    report_to: ReportTo = Field("none", description=REPORT_TO_HELP)
     device: str = Field(
         "auto", description="auto (cuda when available, else cpu) or a torch device.")
     progress: bool = Field(True, description="Show a progress bar (stderr) with the loss.")

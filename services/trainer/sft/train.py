@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from services.trainer.data import read_sft
 from services.trainer.errors import DataError, TrainError
 from services.trainer.sft.examples import collate, encode_example, make_rows, sft_loss, targets
 from services.trainer.sft.settings import SFTSettings
+from services.trainer.tracking import TRACKING_DIRS, open_tracker, settings_config
 
 METRICS_FILE = "sft_metrics.jsonl"
 SETTINGS_FILE = "sft_config.json"
@@ -47,7 +49,9 @@ def _check_out(out: Path) -> Path:
     out = out.expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file; give a folder for the adapter")
-    if out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").is_file():
+    # Tracking folders of an earlier, unfinished run are kept (and carried over at the end).
+    held = [p for p in out.iterdir() if p.name not in TRACKING_DIRS] if out.is_dir() else []
+    if held and not (out / "adapter_config.json").is_file():
         raise TrainError(f"--out {out} is a non-empty folder that holds no adapter; the run "
                          "would replace it, so give a new or empty folder")
     return out
@@ -140,6 +144,8 @@ def run_sft(settings: SFTSettings) -> Path:
         f"{steps_per_epoch} steps/epoch x {s.epochs} epochs on {device}"
         + (f" x {ranks.size} ranks" if ranks.size > 1 else ""))
     metrics: list[dict] = []
+    # Rank 0 reports, into OUT itself; the trackers' folders move into the new OUT at the end.
+    tracker = open_tracker(s.report_to if ranks.is_main else "none", out, settings_config(s))
     bar = tqdm(total=steps_per_epoch * s.epochs, desc="sft", unit="step",
                disable=not (s.progress and ranks.is_main), dynamic_ncols=True)
     try:
@@ -165,11 +171,13 @@ def run_sft(settings: SFTSettings) -> Path:
             metrics.append({"epoch": epoch, "loss": epoch_loss, "tokens": token_sum,
                             "steps": steps_per_epoch,
                             "seconds": round(time.perf_counter() - started, 3)})
+            tracker.log(metrics[-1], epoch)
             if ranks.is_main:
                 tqdm.write(f"sft: epoch {epoch}/{s.epochs} loss {epoch_loss:.4f}",
                            file=sys.stderr)
     finally:
         bar.close()
+        tracker.close()
 
     model.eval()
     if not ranks.is_main:  # the weights are the same on every rank; rank 0 writes them
@@ -178,4 +186,7 @@ def run_sft(settings: SFTSettings) -> Path:
         model.save_pretrained(str(tmp))
         (tmp / METRICS_FILE).write_text("".join(json.dumps(line) + "\n" for line in metrics))
         (tmp / SETTINGS_FILE).write_text(s.model_dump_json(indent=2) + "\n")
+        for name in TRACKING_DIRS:
+            if (out / name).is_dir():
+                shutil.copytree(out / name, tmp / name, symlinks=True)
     return out
