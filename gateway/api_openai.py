@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
 from gateway.errors import APIError, error_body
@@ -25,6 +25,8 @@ from gateway.generation import (
     sampling,
     score_all,
     stop_list,
+    used_tokens,
+    work,
 )
 from gateway.model_names import answered_by, model_id, selector_for, served_id
 from gateway.schemas import (
@@ -111,33 +113,36 @@ def _chat_text(content) -> str:
 
 
 async def _draw(state: GatewayState, body: OpenAIBase, prompts: Sequence[common_pb2.Prompt],
-                draws: int, max_tokens: int | None, request_id: str, endpoint: str,
+                draws: int, max_tokens: int | None, caller: str, request_id: str, endpoint: str,
+                reply: Response,
                 ) -> tuple[policy_pb2.GenerateResponse, list[list[tuple[int, float | None]]]]:
-    """Samples, ranks when best_of asks for it, and returns per prompt the (completion index,
-    score) pairs to return, in order."""
+    """Charges the caller's budgets, samples, ranks when best_of asks for it, and returns per
+    prompt the (completion index, score) pairs to return, in order."""
     cfg = state.config
     selector = selector_for(body.model, cfg.adapter_name)
-    response = await sample(state.upstreams, prompts, _params(body, draws, max_tokens, cfg),
-                            selector, request_id)
+    params = _params(body, draws, max_tokens, cfg)
+    charge = state.guard.charge(caller, *work(prompts, draws, params.max_tokens))
+    response = await sample(state.upstreams, prompts, params, selector, request_id)
+    charge.settle(used_tokens(response.usage))
     if body.best_of is None:
         return response, [[(i, None) for i in range(len(r.completions))]
                           for r in response.results]
     state.metrics.best_of_n.observe(draws)
     ranked = await score_all(state.upstreams, prompts, response, request_id)
     if len(prompts) == 1:
-        await _store(state, request_id, endpoint, prompts[0], ranked[0])
+        await _store(state, reply, caller, request_id, endpoint, prompts[0], ranked[0])
     return response, [[(i, r.scores[i]) for i in r.order[:body.n]] for r in ranked]
 
 
-async def _store(state: GatewayState, request_id: str, endpoint: str,
-                 prompt: common_pb2.Prompt, ranked: Ranked) -> None:
+async def _store(state: GatewayState, reply: Response, caller: str, request_id: str,
+                 endpoint: str, prompt: common_pb2.Prompt, ranked: Ranked) -> None:
     cands = [StoredCandidate(i, c.text, ranked.scores[i], finish_reason(c.finish_reason))
              for i, c in enumerate(ranked.result.completions)]
     messages = ([{"role": m.role, "content": m.content} for m in prompt.chat.messages]
                 if prompt.WhichOneof("kind") == "chat" else None)
-    await state.store_call(state.store.record_answer, request_id, endpoint,
-                           served_id(answered_by(ranked.result), state.config.adapter_name),
-                           prompt_as_text(prompt), messages, cands, ranked.order[0])
+    await state.keep_answer(reply, caller, request_id, endpoint,
+                            served_id(answered_by(ranked.result), state.config.adapter_name),
+                            prompt_as_text(prompt), messages, cands, ranked.order[0])
 
 
 def _sse(payload: dict) -> bytes:
@@ -145,11 +150,13 @@ def _sse(payload: dict) -> bytes:
 
 
 async def _stream(state: GatewayState, body: OpenAIBase, prompt: common_pb2.Prompt,
-                  max_tokens: int | None, request_id: str, chat: bool) -> StreamingResponse:
+                  max_tokens: int | None, caller: str, request_id: str,
+                  chat: bool) -> StreamingResponse:
     cfg = state.config
     request = policy_pb2.GenerateStreamRequest(
         prompt=prompt, params=_params(body, 1, max_tokens, cfg),
         adapter=selector_for(body.model, cfg.adapter_name))
+    charge = state.guard.charge(caller, *work([prompt], 1, request.params.max_tokens))
     # Awaited before the response starts: an upstream failure is still a proper HTTP error.
     messages = await state.upstreams.generate_stream(request, request_id)
     ident = ("chatcmpl-" if chat else "cmpl-") + request_id
@@ -170,6 +177,8 @@ async def _stream(state: GatewayState, body: OpenAIBase, prompt: common_pb2.Prom
         model, first = body.model, True
         try:
             async for msg in messages:
+                if msg.HasField("usage"):
+                    charge.settle(used_tokens(msg.usage))
                 if msg.HasField("served_by"):
                     model = served_id(msg.served_by, cfg.adapter_name)
                 finish = (finish_reason(msg.finish_reason)
@@ -190,7 +199,7 @@ async def _stream(state: GatewayState, body: OpenAIBase, prompt: common_pb2.Prom
 @router.post("/v1/completions", response_model=CompletionResponse,
              response_model_exclude_none=True, responses=_SSE, summary="OpenAI text completions")
 async def completions(body: CompletionRequest, state: State, caller: Caller,
-                      request_id: RequestId):
+                      request_id: RequestId, reply: Response):
     if body.logprobs is not None:
         raise _unsupported("logprobs", "use the policy service's Generate for log-probabilities")
     if body.echo:
@@ -205,9 +214,10 @@ async def completions(body: CompletionRequest, state: State, caller: Caller,
     if body.stream:
         if len(prompts) != 1:
             raise APIError(400, "stream=true takes one prompt", "invalid_request", "prompt")
-        return await _stream(state, body, prompts[0], body.max_tokens, request_id, chat=False)
-    response, picks = await _draw(state, body, prompts, draws, body.max_tokens, request_id,
-                                  "completions")
+        return await _stream(state, body, prompts[0], body.max_tokens, caller, request_id,
+                             chat=False)
+    response, picks = await _draw(state, body, prompts, draws, body.max_tokens, caller,
+                                  request_id, "completions", reply)
     choices = []
     for result, chosen in zip(response.results, picks, strict=True):
         for i, score in chosen:
@@ -223,7 +233,7 @@ async def completions(body: CompletionRequest, state: State, caller: Caller,
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
              response_model_exclude_none=True, responses=_SSE, summary="OpenAI chat completions")
 async def chat_completions(body: ChatCompletionRequest, state: State, caller: Caller,
-                           request_id: RequestId):
+                           request_id: RequestId, reply: Response):
     if body.logprobs:
         raise _unsupported("logprobs", "use the policy service's Generate for log-probabilities")
     if body.tools:
@@ -234,8 +244,9 @@ async def chat_completions(body: ChatCompletionRequest, state: State, caller: Ca
     prompt = chat_prompt([(m.role, _chat_text(m.content)) for m in body.messages])
     max_tokens = body.max_completion_tokens or body.max_tokens
     if body.stream:
-        return await _stream(state, body, prompt, max_tokens, request_id, chat=True)
-    response, picks = await _draw(state, body, [prompt], draws, max_tokens, request_id, "chat")
+        return await _stream(state, body, prompt, max_tokens, caller, request_id, chat=True)
+    response, picks = await _draw(state, body, [prompt], draws, max_tokens, caller, request_id,
+                                  "chat", reply)
     result = response.results[0]
     choices = [ChatChoice(index=k, message=AssistantMessage(content=result.completions[i].text),
                           score=score,

@@ -3,6 +3,7 @@ channels and the feedback store (nothing connects at import)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -19,7 +20,7 @@ from gateway.guard import Guard
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import BodyLimit, RequestContext
 from gateway.schemas import ErrorResponse
-from gateway.state import GatewayState, State
+from gateway.state import GatewayState, State, admin_ids
 from gateway.upstream import Upstreams
 from rlhf import __version__
 
@@ -27,11 +28,29 @@ log = logging.getLogger("rlhf.gateway")
 
 # Documented on every route, so clients (and schemathesis) know each status we may answer.
 _ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in {
-    400: "Invalid parameters", 401: "Missing or invalid API key", 404: "Unknown model or id",
-    409: "Request id already used, or the policy can't serve that model as configured",
-    413: "Body too large", 429: "Rate limited (see Retry-After)",
+    400: "Invalid parameters", 401: "Missing or invalid API key",
+    403: "An admin key is needed (feedback export)", 404: "Unknown model or id",
+    409: "Request id already used, feedback already recorded, or the policy can't serve that "
+         "model as configured",
+    413: "Body too large", 429: "A request, sequence or token budget is spent (see Retry-After)",
     500: "Internal error", 502: "Upstream failed", 503: "Upstream unavailable or overloaded",
     504: "Upstream timed out"}.items()}
+
+
+async def purge_periodically(state: GatewayState) -> None:
+    """Enforces feedback_retention_days: a purge at start-up, then every purge interval. A failed
+    purge (database down) is logged and retried at the next interval."""
+    retention = state.config.feedback_retention_days * 86400
+    while True:
+        try:
+            gone, gone_feedback = await state.store_call(state.store.purge, retention)
+            if gone:
+                log.info("feedback purge: %d answers and %d feedback records past %g days "
+                         "deleted", gone, gone_feedback, state.config.feedback_retention_days)
+        except Exception:  # noqa: BLE001 - the loop must outlive a database outage
+            log.exception("feedback purge failed; retrying in %g s",
+                          state.config.feedback_purge_interval_seconds)
+        await asyncio.sleep(state.config.feedback_purge_interval_seconds)
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -39,18 +58,28 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not config.api_keys:
-            log.warning("no api_keys configured: the gateway is open to anyone who can reach it")
+        if not (config.api_keys or config.admin_api_keys):
+            log.warning("no api_keys configured: the gateway is open to anyone who can reach it, "
+                        "and anyone may export every answer and feedback it stored")
         upstreams = Upstreams(config, metrics)
         await upstreams.open()
         store = FeedbackStore(config.feedback_url())
         app.state.gateway = GatewayState(
             config=config, metrics=metrics,
-            guard=Guard(config.api_keys, config.rate_limit_per_minute, config.rate_limit_burst),
-            upstreams=upstreams, store=store)
+            guard=Guard(config.api_keys + config.admin_api_keys, config.rate_limit_per_minute,
+                        config.rate_limit_burst,
+                        sequences_per_minute=config.sequences_per_minute,
+                        tokens_per_minute=config.tokens_per_minute,
+                        refusals=metrics.budget_refusals),
+            upstreams=upstreams, store=store, admins=admin_ids(config.admin_api_keys))
+        purging = (asyncio.create_task(purge_periodically(app.state.gateway))
+                   if config.feedback_retention_days > 0 else None)
         try:
             yield
         finally:
+            if purging is not None:
+                purging.cancel()
+                await asyncio.gather(purging, return_exceptions=True)
             await upstreams.close()
             store.close()
 

@@ -23,10 +23,24 @@ class GatewayConfig(Settings):
     api_keys: AddressList = Field(
         default_factory=list,
         description="Bearer keys accepted (comma separated); none = open, with a warning.")
+    admin_api_keys: AddressList = Field(
+        default_factory=list,
+        description="Admin keys (comma separated): valid keys that may also export every "
+                    "tenant's feedback (GET /v1/feedback/export).")
     rate_limit_per_minute: float = Field(
         600, ge=0,
         description="Requests per minute per API key (per client IP when open); 0 = off.")
     rate_limit_burst: int = Field(60, ge=1, description="Requests a key may make at once.")
+    sequences_per_minute: float = Field(
+        0, ge=0,
+        description="Sequences per minute per API key (prompts x n; best_of counts what it "
+                    "draws), spendable at once; 0 = off. A key holds at most this many in the "
+                    "policy at once, plus what refills while they run: keep it well under the "
+                    "policy's max_pending_sequences so one key cannot fill its admission.")
+    tokens_per_minute: float = Field(
+        0, ge=0,
+        description="Tokens per minute per API key: prompt tokens + max_tokens per sequence, "
+                    "charged up front and settled to the tokens used; 0 = off.")
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body (413).")
     max_n: int = Field(16, ge=1, description="Largest n / best_of per request.")
     max_prompts: int = Field(16, ge=1, description="Most prompts in one /v1/completions call.")
@@ -38,6 +52,16 @@ class GatewayConfig(Settings):
     feedback_db: str | None = Field(
         None, description="SQLAlchemy URL or SQLite path of the feedback store "
                           "(default: <data_dir>/gateway/feedback.db).")
+    max_answers_per_tenant_per_day: int = Field(
+        10_000, ge=0,
+        description="Answers stored for feedback per tenant per UTC day; beyond it answers are "
+                    "served but not stored (header X-Feedback-Stored: false); 0 = no limit.")
+    feedback_retention_days: float = Field(
+        90, ge=0, description="Stored answers and their feedback older than this are purged; "
+                              "0 = kept forever.")
+    feedback_purge_interval_seconds: float = Field(
+        3600, gt=0, description="How often the purge runs (every replica runs it; it is "
+                                "idempotent).")
     # Model id reported by the OpenAI endpoints for `base`; informative only.
     served_model_name: str = Field("rlhf-grpc", description="Owner shown in /v1/models.")
 
@@ -46,7 +70,7 @@ class GatewayConfig(Settings):
     def _addresses(cls, addrs: list[str]) -> list[str]:
         return check_addresses(addrs)
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_api_keys")
     @classmethod
     def _no_blank_keys(cls, keys: list[str]) -> list[str]:
         if any(len(k) < 8 for k in keys):

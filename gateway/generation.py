@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway.budgets import text_tokens
 from gateway.errors import APIError
 from gateway.upstream import Upstreams
 from rlhf import formats
@@ -61,6 +62,32 @@ def prompt_as_text(prompt: common_pb2.Prompt) -> str:
     return " ".join(str(i) for i in prompt.token_ids.ids)
 
 
+# Tokens a chat template adds around each turn (role markers, separators): a guess for the
+# up-front charge, which is settled to the policy's count afterwards.
+CHAT_TURN_TOKENS = 4
+
+
+def estimated_tokens(prompt: common_pb2.Prompt) -> int:
+    """The prompt's tokens before the policy counts them: exact for token ids, else a guess."""
+    kind = prompt.WhichOneof("kind")
+    if kind == "token_ids":
+        return len(prompt.token_ids.ids)
+    if kind == "chat":
+        return sum(text_tokens(m.content) + CHAT_TURN_TOKENS for m in prompt.chat.messages)
+    return text_tokens(prompt.text)
+
+
+def work(prompts: Sequence[common_pb2.Prompt], draws: int, max_tokens: int) -> tuple[int, int]:
+    """(sequences, tokens) a request is charged: every prompt sampled `draws` times, and the
+    prompts' tokens plus `max_tokens` per sequence."""
+    sequences = len(prompts) * draws
+    return sequences, sum(estimated_tokens(p) for p in prompts) + sequences * max_tokens
+
+
+def used_tokens(usage: common_pb2.Usage) -> int:
+    return usage.prompt_tokens + usage.completion_tokens
+
+
 def score_item(prompt: common_pb2.Prompt, completion: str) -> reward_pb2.ScoreItem:
     """The reward service's item for a completion of `prompt` (token ids are sent as text)."""
     if prompt.WhichOneof("kind") == "chat":
@@ -81,6 +108,7 @@ class Ranked:
     result: policy_pb2.PromptResult
     scores: list[float | None]  # None: an empty completion, which the reward service refuses
     order: list[int]  # indices into result.completions, best first
+    reward_model_versions: list[str]  # of the reward service's versioned scorers; may be empty
 
 
 async def sample(upstreams: Upstreams, prompts: Sequence[common_pb2.Prompt],
@@ -94,18 +122,21 @@ async def sample(upstreams: Upstreams, prompts: Sequence[common_pb2.Prompt],
 async def score_all(upstreams: Upstreams, prompts: Sequence[common_pb2.Prompt],
                     response: policy_pb2.GenerateResponse, request_id: str) -> list[Ranked]:
     """Scores every non-empty completion of every prompt in one Score call and ranks each
-    prompt's. An empty completion (the model stopped at once) is not scored: it ranks last."""
+    prompt's. An empty completion (the model stopped at once) is not scored: it ranks last. One
+    call is scored by one set of reward-model versions, which each Ranked names."""
     items, where = [], []
     for k, r in enumerate(response.results):
         for i, c in enumerate(r.completions):
             if c.text:
                 items.append(score_item(prompts[r.prompt_index], c.text))
                 where.append((k, i))
-    scores = await upstreams.score(items, request_id) if items else []
+    scored = await upstreams.score(items, request_id) if items else reward_pb2.ScoreResponse()
+    scores, versions = [s.score for s in scored.scores], list(scored.model_versions)
     if len(scores) != len(items):
         raise APIError(502, f"the reward service returned {len(scores)} scores for "
                             f"{len(items)} items", "upstream_error")
     table: list[list[float | None]] = [[None] * len(r.completions) for r in response.results]
     for (k, i), score in zip(where, scores, strict=True):
         table[k][i] = score
-    return [Ranked(r, mine, rank(mine)) for r, mine in zip(response.results, table, strict=True)]
+    return [Ranked(r, mine, rank(mine), versions)
+            for r, mine in zip(response.results, table, strict=True)]

@@ -1,5 +1,6 @@
 """Gateway series (DESIGN.md decision 12). The route label is the route's path template, never
-the raw path, so an attacker probing URLs cannot grow the series without bound."""
+the raw path, so an attacker probing URLs cannot grow the series without bound; the tenant label
+is an API key id (bounded by the configured keys) or "open" on a gateway without keys."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class GatewayMetrics:
     upstream_latency: Histogram
     upstream_errors: Counter
     feedback: Counter
+    budget_refusals: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -36,6 +38,9 @@ class GatewayMetrics:
             upstream_errors=counter("rlhf_gateway_upstream_errors",
                                     "Failed calls to policy and reward by gRPC code",
                                     ("service", "code")),
-            feedback=counter("rlhf_gateway_feedback", "Feedback records stored, by kind",
-                             ("kind",)),
+            feedback=counter("rlhf_gateway_feedback", "Feedback records stored, by kind and tenant",
+                             ("kind", "tenant")),
+            budget_refusals=counter("rlhf_gateway_budget_refusals",
+                                    "Requests refused with 429 by tenant and budget "
+                                    "(requests, sequences, tokens)", ("tenant", "budget")),
         )

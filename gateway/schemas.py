@@ -105,6 +105,10 @@ class BestOfNResponse(BaseModel):
     request_id: str
     model: str = Field(description="What served it: `base` or `policy@vN`.")
     adapter_version: int = Field(description="Adapter version used; 0 = base model.")
+    reward_model_versions: list[str] = Field(
+        default_factory=list,
+        description="Reward-model versions that scored the candidates (one per versioned scorer "
+                    "of the reward service); empty when it scores with none.")
     best: Candidate
     candidates: list[Candidate] | None = None
     usage: Usage
@@ -113,6 +117,9 @@ class BestOfNResponse(BaseModel):
 # ---- feedback -----------------------------------------------------------------------------------
 
 class FeedbackRequest(Strict):
+    """Feedback on one of the caller's own answers (its `request_id`): one choice and one rating
+    per answer; another key's answer is unknown to the caller (404)."""
+
     request_id: Text = Field(min_length=1, max_length=128)
     chosen_index: int | None = Field(None, ge=0, le=1023,
                                      description="The candidate (its `index`) judged best.")

@@ -62,8 +62,10 @@ class Upstreams:
         return await self._call("policy", "GenerateStream", lambda: self.policy.generate_stream(
             request, request_id=request_id))
 
-    async def score(self, items: list[reward_pb2.ScoreItem], request_id: str) -> list[float]:
-        return await self._call("reward", "Score", lambda: self.reward.score(
+    async def score(self, items: list[reward_pb2.ScoreItem],
+                    request_id: str) -> reward_pb2.ScoreResponse:
+        """The scores in order, and the reward-model versions that produced them."""
+        return await self._call("reward", "Score", lambda: self.reward.score_response(
             items, request_id=request_id))
 
     async def list_adapters(self, request_id: str) -> policy_pb2.ListAdaptersResponse:

@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 from tests.fixtures.models import *  # noqa: E402,F401,F403
 from tests.fixtures.policy import *  # noqa: E402,F401,F403
 from tests.fixtures.ports import free_port  # noqa: E402
+from tests.fixtures.postgres import *  # noqa: E402,F401,F403
 from tests.fixtures.reward import *  # noqa: E402,F401,F403
 
 

@@ -1,8 +1,10 @@
 """The rlhf-grpc Grafana dashboard, as code (grafanalib).
 
-Three rows: training (reward, KL, losses, clip fraction, logprob mismatch, staleness, step time by
-phase), serving (tokens/s, latency p50/p99 per service, errors, queue depth) and adapters (active
-version per policy replica against the trainer's latest, load latency, failed pushes).
+Four rows: training (reward, KL, losses, clip fraction, logprob mismatch, staleness, step time by
+phase), serving (tokens/s, latency p50/p99 per service, errors, queue depth), adapters (active
+version per policy replica against the trainer's latest, load latency, failed pushes) and the
+feedback loop (feedback per tenant, budget refusals per tenant, reward-model versions and their
+held-out accuracy).
 
 `generate.py` writes it as JSON into the monitoring component, where a ConfigMap carries it to
 Grafana's dashboard sidecar; a test fails when the committed JSON differs from what this builds.
@@ -35,6 +37,14 @@ RATE = "$__rate_interval"
 GRPC = 'rlhf_(policy|reward|trainer)_grpc'
 # Server-side failures (as in alerts.yaml): not the caller's mistake, not load shedding.
 SERVER_ERRORS = "UNKNOWN|INTERNAL|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS|UNIMPLEMENTED"
+
+# The series of the feedback loop, in one place: the gateway's feedback and budget refusals (label
+# `tenant` = API key id) and the reward service's model versions (label `version`).
+FEEDBACK = "rlhf_gateway_feedback_total"
+BUDGET_REFUSALS = "rlhf_gateway_budget_refusals_total"
+REWARD_MODEL_ACTIVE = "rlhf_reward_model_active"
+REWARD_MODEL_ACCURACY = "rlhf_reward_model_heldout_accuracy"
+REWARD_MODEL_PUSHES = "rlhf_reward_model_pushes_total"
 
 WIDTH = 24  # Grafana's grid is 24 columns wide
 HEIGHT = 8
@@ -195,6 +205,50 @@ def adapters() -> list:
     ]
 
 
+def feedback_loop() -> list:
+    return [
+        Stat(title="Active reward model", dataSource=DATASOURCE, textMode="name",
+             description="The reward-model version Score calls use now.",
+             targets=[Target(expr=f"max by (version) ({REWARD_MODEL_ACTIVE}{{{NS}}}) == 1",
+                             legendFormat="{{version}}", refId="A", instant=True)],
+             reduceCalc="lastNotNull", graphMode="none"),
+        Stat(title="Its held-out accuracy", dataSource=DATASOURCE, format="percentunit",
+             description="Accuracy on held-out preference pairs, as the active version's push "
+                         "reported it.",
+             targets=[Target(expr=f"max({REWARD_MODEL_ACCURACY}{{{NS}}} and on (version) "
+                                  f"({REWARD_MODEL_ACTIVE}{{{NS}}} == 1))",
+                             refId="A", instant=True)],
+             reduceCalc="lastNotNull", graphMode="none"),
+        stat("Feedback today", f"sum(increase({FEEDBACK}{{{NS}}}[1d]))",
+             "Choices and ratings stored over the last 24 hours, all tenants."),
+        stat("Budget refusals today", f"sum(increase({BUDGET_REFUSALS}{{{NS}}}[1d]))",
+             "429s for a spent request, sequence or token budget over the last 24 hours."),
+        series("Feedback per tenant", [
+            t(f"sum by (tenant, kind) (rate({FEEDBACK}{{{NS}}}[{RATE}])) * 60",
+              "{{tenant}} {{kind}}"),
+        ], unit="short", stacked=True,
+            description="Choices and ratings stored per minute, by tenant (API key id)."),
+        series("Budget refusals per tenant", [
+            t(f"sum by (tenant, budget) (rate({BUDGET_REFUSALS}{{{NS}}}[{RATE}])) * 60",
+              "{{tenant}} {{budget}}"),
+        ], unit="short",
+            description="429s per minute by tenant and budget (requests, sequences, tokens): a "
+                        "tenant here often is sized too small or floods."),
+        series("Reward-model versions", [
+            t(f"max by (version) ({REWARD_MODEL_ACTIVE}{{{NS}}})", "{{version}}"),
+        ], description="1 while a version is active, 0 while it is only kept (rollback "
+                       "targets); a step is a swap."),
+        series("Reward-model held-out accuracy", [
+            t(f"max by (version) ({REWARD_MODEL_ACCURACY}{{{NS}}})", "{{version}}"),
+        ], unit="percentunit",
+            description="Per kept version, as the loop measured it before pushing."),
+        series("Reward-model pushes", [
+            t(f"sum by (result) (increase({REWARD_MODEL_PUSHES}{{{NS}}}[{RATE}]))",
+              "{{result}}"),
+        ], description="PushRewardModel calls by result: refused pushes never served."),
+    ]
+
+
 def _layout(rows: list[tuple[str, list]]) -> list:
     """Rows of panels on the grid: stats four to a line, time series two to a line."""
     panels, y = [], 0
@@ -222,11 +276,11 @@ def build() -> Dashboard:
     return Dashboard(
         title=TITLE, uid=UID, tags=["rlhf-grpc"], timezone="browser", refresh="30s",
         time=Time("now-6h", "now"), editable=False, graphTooltip=1,
-        description="Training, serving and adapters of rlhf-grpc (generated by "
+        description="Training, serving, adapters and the feedback loop of rlhf-grpc (generated by "
                     "deploy/monitoring/dashboard.py; do not edit by hand).",
         templating=Templating(list=[datasource, namespace]),
         panels=_layout([("Training", training()), ("Serving", serving()),
-                        ("Adapters", adapters())]),
+                        ("Adapters", adapters()), ("Feedback loop", feedback_loop())]),
     ).auto_panel_ids()
 
 

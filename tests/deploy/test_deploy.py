@@ -769,7 +769,7 @@ def test_every_dashboard_query_parses_with_promtool(tmp_path):
 def test_dashboard_covers_training_serving_and_adapters():
     dashboard, _ = _dashboard()
     titles = {p["title"] for p in dashboard["panels"]}
-    assert {"Training", "Serving", "Adapters"} <= titles
+    assert {"Training", "Serving", "Adapters", "Feedback loop"} <= titles
     text = json.dumps(dashboard)
     for needle in ("rlhf_trainer_reward_mean", "rlhf_trainer_kl", '\\"policy_loss\\"',
                    '\\"value_loss\\"', '\\"clipfrac\\"', '\\"logprob_mismatch\\"',
@@ -777,7 +777,11 @@ def test_dashboard_covers_training_serving_and_adapters():
                    "rlhf_policy_generated_tokens_total", "histogram_quantile(0.99",
                    "histogram_quantile(0.5", "rlhf_policy_requests_waiting",
                    "rlhf_policy_active_adapter_version", "rlhf_policy_adapter_load_seconds_bucket",
-                   "rlhf_trainer_push_failures_total", "rlhf_gateway_http_requests_total"):
+                   "rlhf_trainer_push_failures_total", "rlhf_gateway_http_requests_total",
+                   "sum by (tenant, kind) (rate(rlhf_gateway_feedback_total",
+                   "sum by (tenant, budget) (rate(rlhf_gateway_budget_refusals_total",
+                   "max by (version) (rlhf_reward_model_active",
+                   "max by (version) (rlhf_reward_model_heldout_accuracy"):
         assert needle in text, needle
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))

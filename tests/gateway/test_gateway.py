@@ -1,6 +1,6 @@
 """The gateway against real services on 127.0.0.1: the session's vLLM policy (tiny model) and a
-rule-based reward server, over real HTTP (httpx, the official `openai` client, headless Chromium,
-schemathesis, hey)."""
+rule-based reward server, over real HTTP (httpx, the official `openai` client, schemathesis, hey);
+the web page's test is test_web_page.py."""
 
 from __future__ import annotations
 
@@ -233,42 +233,6 @@ async def test_feedback_errors(http):
     dup = await http.post("/v1/best-of-n", json={"prompt": "x", "n": 1, "max_tokens": 2},
                           headers={"x-request-id": rid})
     assert assert_error_shape(dup, 409)["code"] == "duplicate_request_id"
-
-
-# ---- the web page -------------------------------------------------------------------------------
-
-async def test_web_page_ranks_and_records_feedback(gw, http):
-    from playwright.async_api import async_playwright
-
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium package is missing (scripts/debian-packages.txt)"
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try:
-            page = await browser.new_page()
-            await page.goto(gw.url + "/")
-            await page.fill("#prompt", "Write a short line about the sea.")
-            await page.fill("#n", "3")
-            await page.fill("#max_tokens", "8")
-            await page.click("#submit")
-            await page.wait_for_selector("li.candidate >> nth=2", timeout=120_000)
-            scores = [float(s.split()[-1]) for s in
-                      await page.locator("li.candidate .score").all_text_contents()]
-            assert scores == sorted(scores, reverse=True)
-            second = page.locator("li.candidate").nth(1)
-            chosen = int(await second.get_attribute("data-index"))
-            chosen_text = await second.locator(".text").text_content()
-            await second.locator("button.prefer").click()
-            await page.wait_for_function(
-                "document.querySelector('#status').textContent.startsWith('Thanks')")
-            assert await second.get_attribute("class") == "candidate chosen"
-        finally:
-            await browser.close()
-    pairs = [json.loads(x) for x in (await http.get("/v1/feedback/export")).text.splitlines()]
-    assert any(p["prompt"] == "Write a short line about the sea." and p["chosen"] == chosen_text
-               for p in pairs), (chosen, pairs[-3:])
 
 
 # ---- protection and errors ----------------------------------------------------------------------

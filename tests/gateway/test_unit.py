@@ -132,14 +132,21 @@ def test_feedback_store_exports_pairs_and_ratings(tmp_path):
     store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
     cands = [StoredCandidate(0, "alpha", 0.5, "stop"), StoredCandidate(1, "beta", 0.9, "stop"),
              StoredCandidate(2, "alpha", 0.5, "stop"), StoredCandidate(3, "", None, "stop")]
-    store.record_answer("r1", "best-of-n", "base", "the prompt", None, cands, best_index=1)
-    store.record_feedback("r1", chosen_index=0, rating=None, candidate_index=None, comment=None)
-    store.record_feedback("r1", chosen_index=None, rating=2, candidate_index=None, comment="meh")
-    store.record_feedback("r1", chosen_index=None, rating=5, candidate_index=0, comment=None)
+    tenant = {"tenant": "key:0123456789abcdef"}
+    store.record_answer("r1", "best-of-n", "base", "the prompt", None, cands, best_index=1,
+                        **tenant)
+    store.record_feedback("r1", chosen_index=0, rating=None, candidate_index=None, comment=None,
+                          **tenant)
+    store.record_feedback("r1", chosen_index=None, rating=2, candidate_index=None, comment="meh",
+                          **tenant)
+    store.record_answer("r2", "best-of-n", "base", "the prompt", None, cands, best_index=1,
+                        **tenant)
+    store.record_feedback("r2", chosen_index=None, rating=5, candidate_index=0, comment=None,
+                          **tenant)
     with pytest.raises(UnknownAnswer):
-        store.record_feedback("zz", 0, None, None, None)
+        store.record_feedback("zz", 0, None, None, None, **tenant)
     with pytest.raises(BadIndex):
-        store.record_feedback("r1", 4, None, None, None)
+        store.record_feedback("r1", 4, None, None, None, **tenant)
     pairs = list(store.export("preference"))
     # "alpha" vs itself (index 2) teaches nothing, a blank text can't be trained on: left out.
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("alpha", "beta")]
