@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\xd6\x01\n\tScoreItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12-\n\x0fprompt_messages\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x12\n\ncompletion\x18\x03 \x01(\t\x12\x11\n\treference\x18\x04 \x01(\t\x12\x32\n\x08metadata\x18\x05 \x03(\x0b\x32 .rlhf.v1.ScoreItem.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ScoreItem\"<\n\x0bScorerScore\x12\x0e\n\x06scorer\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"C\n\tItemScore\x12\r\n\x05score\x18\x01 \x01(\x01\x12\'\n\tby_scorer\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ScorerScore\"G\n\rScoreResponse\x12\"\n\x06scores\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ItemScore\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x1d\n\x1bRewardServiceGetInfoRequest\"L\n\nScorerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x12\n\nnormalized\x18\x04 \x01(\x08\"\x9a\x01\n\x1cRewardServiceGetInfoResponse\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.ServerInfo\x12$\n\x07scorers\x18\x02 \x03(\x0b\x32\x13.rlhf.v1.ScorerInfo\x12\x17\n\x0fmax_batch_items\x18\x03 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x04 \x01(\r2\x9f\x01\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12V\n\x07GetInfo\x12$.rlhf.v1.RewardServiceGetInfoRequest\x1a%.rlhf.v1.RewardServiceGetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/common.proto\"\xd6\x01\n\tScoreItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12-\n\x0fprompt_messages\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x12\n\ncompletion\x18\x03 \x01(\t\x12\x11\n\treference\x18\x04 \x01(\t\x12\x32\n\x08metadata\x18\x05 \x03(\x0b\x32 .rlhf.v1.ScoreItem.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ScoreItem\"S\n\x0bScorerScore\x12\x0e\n\x06scorer\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"C\n\tItemScore\x12\r\n\x05score\x18\x01 \x01(\x01\x12\'\n\tby_scorer\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ScorerScore\"_\n\rScoreResponse\x12\"\n\x06scores\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ItemScore\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x16\n\x0emodel_versions\x18\x03 \x03(\t\"\x1d\n\x1bRewardServiceGetInfoRequest\"L\n\nScorerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x12\n\nnormalized\x18\x04 \x01(\x08\"\x9a\x01\n\x1cRewardServiceGetInfoResponse\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.ServerInfo\x12$\n\x07scorers\x18\x02 \x03(\x0b\x32\x13.rlhf.v1.ScorerInfo\x12\x17\n\x0fmax_batch_items\x18\x03 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x04 \x01(\r\"3\n\x0fRewardModelFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"\xa9\x02\n\x11RewardModelHeader\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\'\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x18.rlhf.v1.RewardModelFile\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x15\n\rskip_activate\x18\x05 \x01(\x08\x12\x1d\n\x10heldout_accuracy\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12:\n\x08metadata\x18\x07 \x03(\x0b\x32(.rlhf.v1.RewardModelHeader.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x13\n\x11_heldout_accuracy\"^\n\x16PushRewardModelRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.rlhf.v1.RewardModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xa4\x02\n\x0fRewardModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x1d\n\x10heldout_accuracy\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x38\n\x08metadata\x18\x05 \x03(\x0b\x32&.rlhf.v1.RewardModelInfo.MetadataEntry\x12-\n\tpushed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\x07 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x13\n\x11_heldout_accuracy\"k\n\x17PushRewardModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.rlhf.v1.RewardModelInfo\x12\x11\n\tactivated\x18\x02 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\".\n\x1bSetActiveRewardModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"@\n\x1cSetActiveRewardModelResponse\x12\x10\n\x08previous\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\t\"\x19\n\x17ListRewardModelsRequest\"T\n\x18ListRewardModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.rlhf.v1.RewardModelInfo\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\t2\xb5\x03\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12V\n\x07GetInfo\x12$.rlhf.v1.RewardServiceGetInfoRequest\x1a%.rlhf.v1.RewardServiceGetInfoResponse\x12V\n\x0fPushRewardModel\x12\x1f.rlhf.v1.PushRewardModelRequest\x1a .rlhf.v1.PushRewardModelResponse(\x01\x12\x63\n\x14SetActiveRewardModel\x12$.rlhf.v1.SetActiveRewardModelRequest\x1a%.rlhf.v1.SetActiveRewardModelResponse\x12W\n\x10ListRewardModels\x12 .rlhf.v1.ListRewardModelsRequest\x1a!.rlhf.v1.ListRewardModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +35,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCOREITEM_METADATAENTRY']._loaded_options = None
   _globals['_SCOREITEM_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_SCOREITEM']._serialized_start=56
-  _globals['_SCOREITEM']._serialized_end=270
-  _globals['_SCOREITEM_METADATAENTRY']._serialized_start=223
-  _globals['_SCOREITEM_METADATAENTRY']._serialized_end=270
-  _globals['_SCOREREQUEST']._serialized_start=272
-  _globals['_SCOREREQUEST']._serialized_end=321
-  _globals['_SCORERSCORE']._serialized_start=323
-  _globals['_SCORERSCORE']._serialized_end=383
-  _globals['_ITEMSCORE']._serialized_start=385
-  _globals['_ITEMSCORE']._serialized_end=452
-  _globals['_SCORERESPONSE']._serialized_start=454
-  _globals['_SCORERESPONSE']._serialized_end=525
-  _globals['_REWARDSERVICEGETINFOREQUEST']._serialized_start=527
-  _globals['_REWARDSERVICEGETINFOREQUEST']._serialized_end=556
-  _globals['_SCORERINFO']._serialized_start=558
-  _globals['_SCORERINFO']._serialized_end=634
-  _globals['_REWARDSERVICEGETINFORESPONSE']._serialized_start=637
-  _globals['_REWARDSERVICEGETINFORESPONSE']._serialized_end=791
-  _globals['_REWARDSERVICE']._serialized_start=794
-  _globals['_REWARDSERVICE']._serialized_end=953
+  _globals['_REWARDMODELHEADER_METADATAENTRY']._loaded_options = None
+  _globals['_REWARDMODELHEADER_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_REWARDMODELINFO_METADATAENTRY']._loaded_options = None
+  _globals['_REWARDMODELINFO_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_SCOREITEM']._serialized_start=89
+  _globals['_SCOREITEM']._serialized_end=303
+  _globals['_SCOREITEM_METADATAENTRY']._serialized_start=256
+  _globals['_SCOREITEM_METADATAENTRY']._serialized_end=303
+  _globals['_SCOREREQUEST']._serialized_start=305
+  _globals['_SCOREREQUEST']._serialized_end=354
+  _globals['_SCORERSCORE']._serialized_start=356
+  _globals['_SCORERSCORE']._serialized_end=439
+  _globals['_ITEMSCORE']._serialized_start=441
+  _globals['_ITEMSCORE']._serialized_end=508
+  _globals['_SCORERESPONSE']._serialized_start=510
+  _globals['_SCORERESPONSE']._serialized_end=605
+  _globals['_REWARDSERVICEGETINFOREQUEST']._serialized_start=607
+  _globals['_REWARDSERVICEGETINFOREQUEST']._serialized_end=636
+  _globals['_SCORERINFO']._serialized_start=638
+  _globals['_SCORERINFO']._serialized_end=714
+  _globals['_REWARDSERVICEGETINFORESPONSE']._serialized_start=717
+  _globals['_REWARDSERVICEGETINFORESPONSE']._serialized_end=871
+  _globals['_REWARDMODELFILE']._serialized_start=873
+  _globals['_REWARDMODELFILE']._serialized_end=924
+  _globals['_REWARDMODELHEADER']._serialized_start=927
+  _globals['_REWARDMODELHEADER']._serialized_end=1224
+  _globals['_REWARDMODELHEADER_METADATAENTRY']._serialized_start=256
+  _globals['_REWARDMODELHEADER_METADATAENTRY']._serialized_end=303
+  _globals['_PUSHREWARDMODELREQUEST']._serialized_start=1226
+  _globals['_PUSHREWARDMODELREQUEST']._serialized_end=1320
+  _globals['_REWARDMODELINFO']._serialized_start=1323
+  _globals['_REWARDMODELINFO']._serialized_end=1615
+  _globals['_REWARDMODELINFO_METADATAENTRY']._serialized_start=256
+  _globals['_REWARDMODELINFO_METADATAENTRY']._serialized_end=303
+  _globals['_PUSHREWARDMODELRESPONSE']._serialized_start=1617
+  _globals['_PUSHREWARDMODELRESPONSE']._serialized_end=1724
+  _globals['_SETACTIVEREWARDMODELREQUEST']._serialized_start=1726
+  _globals['_SETACTIVEREWARDMODELREQUEST']._serialized_end=1772
+  _globals['_SETACTIVEREWARDMODELRESPONSE']._serialized_start=1774
+  _globals['_SETACTIVEREWARDMODELRESPONSE']._serialized_end=1838
+  _globals['_LISTREWARDMODELSREQUEST']._serialized_start=1840
+  _globals['_LISTREWARDMODELSREQUEST']._serialized_end=1865
+  _globals['_LISTREWARDMODELSRESPONSE']._serialized_start=1867
+  _globals['_LISTREWARDMODELSRESPONSE']._serialized_end=1951
+  _globals['_REWARDSERVICE']._serialized_start=1954
+  _globals['_REWARDSERVICE']._serialized_end=2391
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class RewardServiceStub:
     """Scores completions with a weighted sum of scorers (learned reward models, rules, user
-    functions).
+    functions). The versioned reward model (scorer "rm:@active") is managed with PushRewardModel,
+    SetActiveRewardModel and ListRewardModels; the first two need the admin token in the
+    "authorization" metadata ("Bearer <token>").
     """
 
     def __init__(self, channel):
@@ -46,11 +48,28 @@ class RewardServiceStub:
                 request_serializer=rlhf_dot_v1_dot_reward__pb2.RewardServiceGetInfoRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_reward__pb2.RewardServiceGetInfoResponse.FromString,
                 _registered_method=True)
+        self.PushRewardModel = channel.stream_unary(
+                '/rlhf.v1.RewardService/PushRewardModel',
+                request_serializer=rlhf_dot_v1_dot_reward__pb2.PushRewardModelRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_reward__pb2.PushRewardModelResponse.FromString,
+                _registered_method=True)
+        self.SetActiveRewardModel = channel.unary_unary(
+                '/rlhf.v1.RewardService/SetActiveRewardModel',
+                request_serializer=rlhf_dot_v1_dot_reward__pb2.SetActiveRewardModelRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_reward__pb2.SetActiveRewardModelResponse.FromString,
+                _registered_method=True)
+        self.ListRewardModels = channel.unary_unary(
+                '/rlhf.v1.RewardService/ListRewardModels',
+                request_serializer=rlhf_dot_v1_dot_reward__pb2.ListRewardModelsRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_reward__pb2.ListRewardModelsResponse.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer:
     """Scores completions with a weighted sum of scorers (learned reward models, rules, user
-    functions).
+    functions). The versioned reward model (scorer "rm:@active") is managed with PushRewardModel,
+    SetActiveRewardModel and ListRewardModels; the first two need the admin token in the
+    "authorization" metadata ("Bearer <token>").
     """
 
     def Score(self, request, context):
@@ -62,6 +81,30 @@ class RewardServiceServicer:
 
     def GetInfo(self, request, context):
         """Describes the configured scorers and limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushRewardModel(self, request_iterator, context):
+        """Uploads a reward-model folder as a new version: one header message, then the bytes of its
+        files in the header's order. The version is checked (it loads and scores a probe pair to
+        finite numbers), kept, and (unless told otherwise) made active; a refused push leaves the
+        active version serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetActiveRewardModel(self, request, context):
+        """Makes a kept version the one "rm:@active" scores with (a rollback is the same call).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRewardModels(self, request, context):
+        """Lists the kept versions and the active one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +123,21 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     request_deserializer=rlhf_dot_v1_dot_reward__pb2.RewardServiceGetInfoRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_reward__pb2.RewardServiceGetInfoResponse.SerializeToString,
             ),
+            'PushRewardModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushRewardModel,
+                    request_deserializer=rlhf_dot_v1_dot_reward__pb2.PushRewardModelRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_reward__pb2.PushRewardModelResponse.SerializeToString,
+            ),
+            'SetActiveRewardModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetActiveRewardModel,
+                    request_deserializer=rlhf_dot_v1_dot_reward__pb2.SetActiveRewardModelRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_reward__pb2.SetActiveRewardModelResponse.SerializeToString,
+            ),
+            'ListRewardModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRewardModels,
+                    request_deserializer=rlhf_dot_v1_dot_reward__pb2.ListRewardModelsRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_reward__pb2.ListRewardModelsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'rlhf.v1.RewardService', rpc_method_handlers)
@@ -90,7 +148,9 @@ def add_RewardServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RewardService:
     """Scores completions with a weighted sum of scorers (learned reward models, rules, user
-    functions).
+    functions). The versioned reward model (scorer "rm:@active") is managed with PushRewardModel,
+    SetActiveRewardModel and ListRewardModels; the first two need the admin token in the
+    "authorization" metadata ("Bearer <token>").
     """
 
     @staticmethod
@@ -137,6 +197,87 @@ class RewardService:
             '/rlhf.v1.RewardService/GetInfo',
             rlhf_dot_v1_dot_reward__pb2.RewardServiceGetInfoRequest.SerializeToString,
             rlhf_dot_v1_dot_reward__pb2.RewardServiceGetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushRewardModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/rlhf.v1.RewardService/PushRewardModel',
+            rlhf_dot_v1_dot_reward__pb2.PushRewardModelRequest.SerializeToString,
+            rlhf_dot_v1_dot_reward__pb2.PushRewardModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetActiveRewardModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.RewardService/SetActiveRewardModel',
+            rlhf_dot_v1_dot_reward__pb2.SetActiveRewardModelRequest.SerializeToString,
+            rlhf_dot_v1_dot_reward__pb2.SetActiveRewardModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRewardModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.RewardService/ListRewardModels',
+            rlhf_dot_v1_dot_reward__pb2.ListRewardModelsRequest.SerializeToString,
+            rlhf_dot_v1_dot_reward__pb2.ListRewardModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,6 @@
 """Wires the reward service: scorer specs -> scorers (models loaded at start-up) -> mix ->
-servicer, behind the shared server."""
+servicer, behind the shared server; with the versioned reward model (`rm:@active`), its admin
+calls behind the admin token."""
 
 from __future__ import annotations
 
@@ -7,19 +8,24 @@ import logging
 
 import grpc
 
+from rlhf.plumbing.auth import AdminAuthInterceptor, require_admin_token
 from rlhf.plumbing.command import service_command
-from rlhf.plumbing.errors import Unavailable
+from rlhf.plumbing.errors import FailedPrecondition, Unavailable
 from rlhf.plumbing.info import server_info
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services.reward.config import RewardConfig
 from services.reward.metrics import RewardStats
 from services.reward.mix import Mix
 from services.reward.normalize import RunningNorm
+from services.reward.rm_versions import VersionedScorer
 from services.reward.scorers import Scorer, build_scorer
 from services.reward.servicer import RewardServicer
 from services.reward.spec import parse_specs
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+# The calls that change the served reward model: they need the admin token.
+ADMIN_METHODS = frozenset(
+    f"/{SERVICE_NAME}/{name}" for name in ("PushRewardModel", "SetActiveRewardModel"))
 log = logging.getLogger("rlhf.reward")
 
 
@@ -39,6 +45,15 @@ class _Deferred(reward_pb2_grpc.RewardServiceServicer):
     async def GetInfo(self, request, context):
         return self.app.info()
 
+    async def PushRewardModel(self, request_iterator, context):
+        return await self.app.versions_or_refuse().push(request_iterator)
+
+    async def SetActiveRewardModel(self, request, context):
+        return await self.app.versions_or_refuse().set_active(request.version)
+
+    async def ListRewardModels(self, request, context):
+        return self.app.versions_or_refuse().list()
+
 
 class RewardApp:
     service_names = (SERVICE_NAME,)
@@ -52,6 +67,24 @@ class RewardApp:
         ]
         self.servicer: RewardServicer | None = None
         self.ready = False
+        versioned = [s for s in self.scorers if isinstance(s, VersionedScorer)]
+        self.versions: VersionedScorer | None = versioned[0] if versioned else None
+        # Server interceptors the GrpcServer installs after its own. The admin calls exist
+        # only with a versioned reward model; only then is a token required.
+        token = config.resolved_admin_token()
+        if self.versions is not None:
+            require_admin_token("reward service", token, config.insecure_no_auth,
+                                f"{RewardConfig.env_prefix()}ADMIN_TOKEN")
+        self.interceptors = (AdminAuthInterceptor(token, ADMIN_METHODS),) if token else ()
+
+    def versions_or_refuse(self) -> VersionedScorer:
+        if self.versions is None:
+            raise FailedPrecondition(
+                "this reward service has no versioned reward model: start it with "
+                "--scorer rm:@active")
+        if not self.ready:
+            raise Unavailable("the reward service is still loading; retry when health is SERVING")
+        return self.versions
 
     def normalized(self, scorer: Scorer) -> bool:
         mode = self.config.normalize

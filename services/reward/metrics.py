@@ -1,7 +1,10 @@
-"""Reward metrics, `rlhf_reward_*`. The only label is the scorer's name: a handful per
-deployment, fixed by configuration."""
+"""Reward metrics, `rlhf_reward_*`. The labels are the scorer's name (a handful per deployment,
+fixed by configuration) and the kept reward-model versions (at most rm_keep_versions + 1; a
+deleted version's series are removed)."""
 
 from __future__ import annotations
+
+import contextlib
 
 from rlhf.plumbing import metrics as m
 
@@ -42,6 +45,30 @@ class RewardStats:
             "rlhf_reward_batch_duration_seconds", "Reward-model time per batch (tokenize, forward)",
             ("scorer",), buckets=WAIT_BUCKETS,
         )
+
+        self.rm_pushes = m.counter(
+            "rlhf_reward_model_pushes", "PushRewardModel calls by result (ok, refused, failed)",
+            ("result",))
+        self.rm_active = m.gauge(
+            "rlhf_reward_model_active", "1 for the active reward-model version, 0 for other kept "
+            "ones", ("version",))
+        self.rm_accuracy = m.gauge(
+            "rlhf_reward_model_heldout_accuracy", "Held-out accuracy of a kept reward-model "
+            "version, as its push reported it", ("version",))
+        self._rm_shown: set[str] = set()
+
+    def show_rm_versions(self, accuracy: dict[str, float | None], active: str | None) -> None:
+        """Sets the version gauges to the kept versions (accuracy by version) and the active
+        one."""
+        for gone in self._rm_shown - set(accuracy):
+            for gauge in (self.rm_active, self.rm_accuracy):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(gone)
+        for version, value in accuracy.items():
+            self.rm_active.labels(version).set(1 if version == active else 0)
+            if value is not None:
+                self.rm_accuracy.labels(version).set(value)
+        self._rm_shown = set(accuracy)
 
     def batch_observer(self, scorer: str):
         def observe(size: int, waited: float, seconds: float) -> None:

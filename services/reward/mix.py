@@ -1,6 +1,10 @@
 """The weighted sum: runs every scorer on a call's items (concurrently), checks what each
 returned, normalises where configured, and adds up weight * score per item.
 
+A versioned scorer (`rm:@active`) also says which version produced a call's scores; its
+normalisation statistics are kept per version, so a new version starts them afresh (a new
+reward model's scale and offset owe nothing to the previous one's).
+
 A scorer that raises, returns the wrong number of scores, or a non-finite one fails the call
 with INTERNAL and a message naming the scorer, as does a weighted sum that overflows; nothing is
 cached or poisoned, so the next call runs normally.
@@ -37,6 +41,7 @@ class ScorerFailed(ServiceError):
 class Scored:
     total: float
     parts: tuple[float, ...]  # one per scorer, in configuration order
+    versions: tuple[str, ...] = ()  # per scorer: the model version ("" when not versioned)
 
 
 def check_scores(name: str, raw, n: int) -> list[float]:
@@ -72,8 +77,24 @@ def weighted_sum(weights: list[float], parts: tuple[float, ...], item: int) -> f
 class Mix:
     def __init__(self, scorers: list[Scorer], norms: dict[str, RunningNorm], stats: RewardStats):
         self.scorers = scorers
-        self.norms = norms
+        self.norms = norms  # by scorer name: the statistics of its unversioned output
         self.stats = stats
+        self._version_norms: dict[tuple[str, str], RunningNorm] = {}
+
+    def norm_for(self, name: str, version: str) -> RunningNorm | None:
+        """The statistics that normalise `name`'s output from model `version`, or None."""
+        base = self.norms.get(name)
+        if base is None or not version:
+            return base
+        key = (name, version)
+        norm = self._version_norms.get(key)
+        if norm is None:
+            norm = self._version_norms[key] = RunningNorm(base.freeze_after, base.eps)
+            # Two per scorer: calls still running on the previous version during a switch
+            # keep theirs; older ones are done with.
+            for old in [k for k in self._version_norms if k[0] == name][:-2]:
+                del self._version_norms[old]
+        return norm
 
     async def score(self, items: list[Item]) -> list[Scored]:
         results = await asyncio.gather(
@@ -82,20 +103,22 @@ class Mix:
         for result in results:  # the first failure in configuration order decides the status
             if isinstance(result, BaseException):
                 raise result
-        columns = []
-        for scorer, values in zip(self.scorers, results, strict=True):
-            norm = self.norms.get(scorer.name)
+        columns, versions = [], []
+        for scorer, (values, version) in zip(self.scorers, results, strict=True):
+            norm = self.norm_for(scorer.name, version)
             columns.append(norm(values) if norm is not None else values)
+            versions.append(version)
         weights = [s.weight for s in self.scorers]
         out = []
         for i, parts in enumerate(zip(*columns, strict=True)):
-            out.append(Scored(weighted_sum(weights, parts, i), tuple(parts)))
+            out.append(Scored(weighted_sum(weights, parts, i), tuple(parts), tuple(versions)))
         return out
 
-    async def _run(self, scorer: Scorer, items: list[Item]) -> list[float]:
+    async def _run(self, scorer: Scorer, items: list[Item]) -> tuple[list[float], str]:
         start = time.perf_counter()
         try:
-            values = check_scores(scorer.name, await scorer.score(items), len(items))
+            raw, version = await scorer.run(items)
+            values = check_scores(scorer.name, raw, len(items))
         except InvalidArgument:
             raise  # the caller's input, not a scorer fault
         except ServiceError:
@@ -111,4 +134,4 @@ class Mix:
         histogram = self.stats.scores.labels(scorer.name)
         for value in values:
             histogram.observe(value)
-        return values
+        return values, version

@@ -31,6 +31,10 @@ class Scorer:
     async def score(self, items: list[Item]):
         raise NotImplementedError
 
+    async def run(self, items: list[Item]) -> tuple[object, str]:
+        """The raw scores and the model version that produced them ("": not versioned)."""
+        return await self.score(items), ""
+
     async def close(self) -> None:
         pass
 
@@ -109,6 +113,10 @@ class ModelScorer(Scorer):
 
 
 def build_scorer(spec: ScorerSpec, config: RewardConfig, stats: RewardStats) -> Scorer:
+    if spec.kind == "rm" and spec.arg == "@active":
+        from services.reward.rm_versions import VersionedScorer
+
+        return VersionedScorer(spec, config, stats)
     if spec.kind == "rm":
         return ModelScorer(spec, config, stats)
     if spec.kind == "rule":

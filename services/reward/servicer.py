@@ -39,16 +39,20 @@ class RewardServicer:
             self.stats.call_seconds.observe(time.perf_counter() - start)
         self.stats.items.inc(len(items))
         scorers = self.mix.scorers
+        # One call is scored by one version per scorer, so the first item's versions are all.
+        versions = scored[0].versions if scored else ()
         return reward_pb2.ScoreResponse(
             scores=[
                 reward_pb2.ItemScore(
                     score=s.total,
                     by_scorer=[
-                        reward_pb2.ScorerScore(scorer=sc.name, score=part, weight=sc.weight)
-                        for sc, part in zip(scorers, s.parts, strict=True)
+                        reward_pb2.ScorerScore(scorer=sc.name, score=part, weight=sc.weight,
+                                               model_version=version)
+                        for sc, part, version in zip(scorers, s.parts, versions, strict=True)
                     ],
                 )
                 for s in scored
             ],
             request_id=current_request_id(),
+            model_versions=[v for v in versions if v],
         )

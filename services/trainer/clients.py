@@ -44,6 +44,9 @@ class Sample:
     behaviour_logprobs: list[float]
     adapter_version: int  # 0 = base model
     score: float = 0.0
+    truncated: bool = False  # stopped at max_new_tokens (finish reason LENGTH)
+    in_loss: bool = True  # False: kept out of the loss (ppo/sampling.py, overlong filter)
+    reward_version: str = ""  # the reward-model version(s) that scored it, comma-joined
 
 
 def prompt_message(record) -> common_pb2.Prompt:
@@ -106,6 +109,7 @@ class Services:
                     prompt_index=result.prompt_index, prompt_ids=list(result.prompt_token_ids),
                     completion_ids=list(c.token_ids), completion_text=c.text,
                     behaviour_logprobs=list(c.logprobs), adapter_version=version,
+                    truncated=c.finish_reason == policy_pb2.FINISH_REASON_LENGTH,
                 ))
         return samples
 
@@ -118,7 +122,11 @@ class Services:
             items.append(score_item(s.completion_text or " ", prompt=record.prompt or "",
                                     messages=record.messages or (), reference=str(reference)))
         response = await self.reward.score_response(items)
-        return check_scores(response, len(items), f"reward at {self.reward.address}")
+        scores = check_scores(response, len(items), f"reward at {self.reward.address}")
+        version = ",".join(response.model_versions)
+        for s in samples:
+            s.reward_version = version
+        return scores
 
     async def push(self, folder: Path, version: int, base_model_id: str, token: str | None,
                    quorum: float, attempts: int = 5,
