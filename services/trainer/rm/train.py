@@ -7,6 +7,9 @@
 The new head is always trained in full; the backbone gets LoRA (default), stays frozen, or is
 trained in full (rm/model.py).
 
+With --init-from the run starts from an earlier reward model's weights and head (a warm start,
+as the feedback loop retrains the active model on new pairs).
+
 The output folder is what `rm:PATH` serves: a peft adapter over the backbone (LoRA) or a full
 model, its tokenizer, and `rlhf_reward.json` (input format, bins). Checkpoints go to
 OUT/checkpoint and a second run resumes from the last one (more --epochs continue training).
@@ -29,7 +32,7 @@ from pathlib import Path
 import click
 
 from rlhf.files import atomic_write
-from rlhf.formats import RM_META_FILE, rm_default_format
+from rlhf.formats import RM_META_FILE, rm_default_format, rm_read_meta
 from services.trainer.data import Pair
 from services.trainer.errors import TrainError
 from services.trainer.rl_math import bt_loss, concordance, expected_rating, pairwise_accuracy
@@ -42,8 +45,11 @@ from services.trainer.rm.model import (
     has_model,
     is_head,
     resolve_backbone,
+    warm_backbone,
+    warm_labels,
 )
 from services.trainer.rm.settings import RMSettings
+from services.trainer.tracking import open_tracker, settings_config
 
 CHECKPOINT = "checkpoint"
 
@@ -71,7 +77,8 @@ class RewardTrainer:
             self.device = f"cuda:{self.ranks.local_rank}"  # one GPU per rank under torchrun
         model, tokenizer, head = build_model(s, backbone, num_labels)
         self.model, self.tokenizer, self.head = model.to(self.device), tokenizer, head
-        self.format = rm_default_format(tokenizer)
+        self.format = (rm_read_meta(s.init_from).get("format") if s.init_from is not None
+                       else None) or rm_default_format(tokenizer)
         self.bins_t = None if self.bins is None else torch.tensor(self.bins, device=self.device)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         head_lr = s.head_lr if s.head_lr is not None else s.lr
@@ -100,13 +107,17 @@ class RewardTrainer:
     def run(self) -> list[dict]:
         """Trains (or resumes) to --epochs and saves the model; returns the epoch history."""
         s = self.s
-        backbone = resolve_backbone(s.model)
+        backbone = (warm_backbone(s.init_from) if s.init_from is not None
+                     else resolve_backbone(s.model))
         train, val = split(s, self._warn)
         self.preference = isinstance(train[0], Pair)
         if self.preference and s.bins is not None:
             raise TrainError("--bins is for ratings data; preference data trains one output")
         self.bins = None if self.preference else rating_bins([x.rating for x in train], s.bins)
         num_labels = 1 if self.preference else len(self.bins)
+        if s.init_from is not None and warm_labels(s.init_from) != num_labels:
+            raise TrainError(f"--init-from {s.init_from} has {warm_labels(s.init_from)} "
+                             f"output(s); this data trains {num_labels}")
         self._build(backbone, num_labels)
 
         ckpt_dir = s.out / CHECKPOINT
@@ -114,7 +125,9 @@ class RewardTrainer:
         state = self._initial_state(ckpt_dir, fingerprint)
         steps_per_epoch = math.ceil(len(train) / s.batch_size)
         kind = "preference pairs" if self.preference else f"ratings ({num_labels} bins)"
-        self.echo(f"reward model: {display_name(s.model, backbone)} ({s.backbone}), "
+        start = (f"warm start from {s.init_from}" if s.init_from is not None
+                 else display_name(s.model, backbone))
+        self.echo(f"reward model: {start} ({s.backbone}), "
                   f"{len(train)} training / {len(val)} validation {kind}, {s.epochs} epoch(s) x "
                   f"{steps_per_epoch} steps, on {self.device}")
         if state["epoch"] >= s.epochs and has_model(s.out):
@@ -122,24 +135,29 @@ class RewardTrainer:
                       "(raise --epochs to continue, or --restart)")
             return state["history"]
 
-        while state["epoch"] < s.epochs:
-            epoch = state["epoch"]
-            done = self._train_epoch(train, epoch, steps_per_epoch, state, ckpt_dir, fingerprint)
-            if not done:  # --max-steps reached mid-epoch: checkpoint saved, stop here
-                self.echo(f"stopped after {state['global_step']} steps (--max-steps); run again "
-                          "to resume")
-                return state["history"]
-            evaluated = self.evaluate(val) if self.ranks.is_main else {}
-            record = {"epoch": epoch + 1, **state.pop("epoch_stats"), **evaluated}
-            state["history"].append(record)
-            state.update(epoch=epoch + 1, step=0)
-            self._save_checkpoint(ckpt_dir, fingerprint, state)
-            self.echo(_describe(record))
+        # Rank 0 alone reports; a resumed run's figures continue from its next epoch.
+        with open_tracker(s.report_to if self.ranks.is_main else "none", s.out,
+                          settings_config(s), start_step=state["epoch"] + 1) as tracker:
+            while state["epoch"] < s.epochs:
+                epoch = state["epoch"]
+                done = self._train_epoch(train, epoch, steps_per_epoch, state, ckpt_dir,
+                                         fingerprint)
+                if not done:  # --max-steps reached mid-epoch: checkpoint saved, stop here
+                    self.echo(f"stopped after {state['global_step']} steps (--max-steps); "
+                              "run again to resume")
+                    return state["history"]
+                evaluated = self.evaluate(val) if self.ranks.is_main else {}
+                record = {"epoch": epoch + 1, **state.pop("epoch_stats"), **evaluated}
+                state["history"].append(record)
+                state.update(epoch=epoch + 1, step=0)
+                self._save_checkpoint(ckpt_dir, fingerprint, state)
+                self.echo(_describe(record))
+                if self.ranks.is_main:
+                    with (s.out / "metrics.jsonl").open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                tracker.log(record, record["epoch"])
             if self.ranks.is_main:
-                with (s.out / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-        if self.ranks.is_main:
-            self._save_model(backbone, state["history"])
+                self._save_model(backbone, state["history"])
         self.echo(f"saved reward model to {s.out} (serve it with --scorer rm:{s.out})")
         return state["history"]
 
@@ -298,6 +316,7 @@ class RewardTrainer:
             "bins": self.bins, "max_tokens": s.max_length, "backbone": str(backbone),
             "data": "preference" if self.preference else "ratings",
             "adapter": s.backbone == "lora" and not s.merge, "history": history,
+            "init_from": str(s.init_from) if s.init_from is not None else None,
         }
         (out / RM_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
