@@ -38,7 +38,8 @@ async def best_of_n(body: BestOfNRequest, state: State, caller: Caller,
     params = sampling(body.n, max_tokens, body.temperature, body.top_p, body.seed, body.stop or ())
     charge = state.guard.charge(caller, *work([prompt], body.n, max_tokens))
     state.metrics.best_of_n.observe(body.n)
-    response = await sample(state.upstreams, [prompt], params, selector, request_id)
+    response = await sample(state.upstreams, [prompt], params, selector, request_id,
+                            ranked=True)
     charge.settle(used_tokens(response.usage))
     ranked = (await score_all(state.upstreams, [prompt], response, request_id))[0]
     completions = ranked.result.completions

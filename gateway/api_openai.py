@@ -122,7 +122,8 @@ async def _draw(state: GatewayState, body: OpenAIBase, prompts: Sequence[common_
     selector = selector_for(body.model, cfg.adapter_name)
     params = _params(body, draws, max_tokens, cfg)
     charge = state.guard.charge(caller, *work(prompts, draws, params.max_tokens))
-    response = await sample(state.upstreams, prompts, params, selector, request_id)
+    response = await sample(state.upstreams, prompts, params, selector, request_id,
+                            ranked=body.best_of is not None)
     charge.settle(used_tokens(response.usage))
     if body.best_of is None:
         return response, [[(i, None) for i in range(len(r.completions))]

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from gateway import api_best_of_n, api_feedback, api_openai, errors
+from gateway import api_best_of_n, api_feedback, api_openai, canary, errors
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
 from gateway.feedback import DuplicateAnswer, FeedbackStore
@@ -74,9 +74,18 @@ def create_app(config: GatewayConfig) -> FastAPI:
             upstreams=upstreams, store=store, admins=admin_ids(config.admin_api_keys))
         purging = (asyncio.create_task(purge_periodically(app.state.gateway))
                    if config.feedback_retention_days > 0 else None)
+        polling = None
+        if config.canary_fraction > 0:
+            upstreams.canary = canary.Canary(config, upstreams, metrics,
+                                             config.resolved_policy_admin_token())
+            polling = asyncio.create_task(upstreams.canary.run())
         try:
             yield
         finally:
+            if polling is not None:
+                polling.cancel()
+                await asyncio.gather(polling, return_exceptions=True)
+                await upstreams.canary.close()
             if purging is not None:
                 purging.cancel()
                 await asyncio.gather(purging, return_exceptions=True)
@@ -93,7 +102,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def _duplicate(request, exc: DuplicateAnswer):
         return errors.error_response(409, str(exc), "duplicate_request_id")
 
-    for module in (api_best_of_n, api_openai, api_feedback):
+    for module in (api_best_of_n, api_openai, api_feedback, canary):
         app.include_router(module.router)
 
     @app.get("/healthz", summary="The process is up", responses={})

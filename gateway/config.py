@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlhf.clients import check_addresses
+from rlhf.plumbing.auth import token_from
 from rlhf.plumbing.config import AddressList, Settings
 
 
@@ -62,6 +65,39 @@ class GatewayConfig(Settings):
     feedback_purge_interval_seconds: float = Field(
         3600, gt=0, description="How often the purge runs (every replica runs it; it is "
                                 "idempotent).")
+    policy_admin_token: str | None = Field(
+        None, repr=False, description="The policy's admin token: the canary activates or drops "
+                                      "versions with it.")
+    policy_admin_token_file: Path | None = Field(
+        None, description="File holding policy_admin_token (when that is unset).")
+    canary_fraction: float = Field(
+        0.0, ge=0, le=0.5,
+        description="Share of `policy` requests a staged version serves during its canary; "
+                    "0 = no canary (staged versions are left to the trainer).")
+    canary_min_requests: int = Field(
+        200, ge=2, le=1_000_000,
+        description="Scored answers per arm after which the canary's verdict is due.")
+    canary_max_seconds: float = Field(
+        3600, gt=0, le=7 * 86400,
+        description="The verdict is due after this long whatever the counts (keep the "
+                    "trainer's staging time longer).")
+    canary_margin_sd: float = Field(
+        0.2, ge=0, le=10,
+        description="Non-inferiority margin of the reward test, in standard deviations of the "
+                    "incumbent's rewards.")
+    canary_alpha: float = Field(0.05, gt=0, lt=1, description="Level of the reward test.")
+    canary_max_error_increase: float = Field(
+        0.01, ge=0, le=1, description="Error rate the candidate may have above the incumbent's.")
+    canary_max_latency_ratio: float = Field(
+        1.5, ge=1, le=1000, description="Mean latency the candidate may have, as a multiple of "
+                                        "the incumbent's.")
+    canary_score_fraction: float = Field(
+        1.0, gt=0, le=1,
+        description="Share of unranked canary answers (completions, chat without best_of) "
+                    "scored on the reward service; best-of-n answers are scored anyway.")
+    canary_poll_seconds: float = Field(
+        5.0, gt=0, le=3600,
+        description="How often the gateway lists the replicas' adapters for staged versions.")
     # Model id reported by the OpenAI endpoints for `base`; informative only.
     served_model_name: str = Field("rlhf-grpc", description="Owner shown in /v1/models.")
 
@@ -76,6 +112,10 @@ class GatewayConfig(Settings):
         if any(len(k) < 8 for k in keys):
             raise ValueError("API keys must be at least 8 characters")
         return keys
+
+    def resolved_policy_admin_token(self) -> str | None:
+        return token_from(self.policy_admin_token, self.policy_admin_token_file,
+                          "the policy's admin token")
 
     def feedback_url(self) -> str:
         if self.feedback_db is None:

@@ -113,14 +113,18 @@ class Ranked:
 
 async def sample(upstreams: Upstreams, prompts: Sequence[common_pb2.Prompt],
                  params: policy_pb2.SamplingParams, selector: policy_pb2.AdapterSelector,
-                 request_id: str) -> policy_pb2.GenerateResponse:
-    return await upstreams.generate(
-        policy_pb2.GenerateRequest(prompts=list(prompts), params=params, adapter=selector),
-        request_id)
+                 request_id: str, ranked: bool = False) -> policy_pb2.GenerateResponse:
+    """`ranked`: the caller scores the answers with score_all (which hands the scores to a
+    running canary); otherwise the canary scores a share of them itself."""
+    request = policy_pb2.GenerateRequest(prompts=list(prompts), params=params, adapter=selector)
+    if upstreams.canary is not None:
+        return await upstreams.canary.generate(request, request_id, ranked)
+    return await upstreams.generate(request, request_id)
 
 
 async def score_all(upstreams: Upstreams, prompts: Sequence[common_pb2.Prompt],
-                    response: policy_pb2.GenerateResponse, request_id: str) -> list[Ranked]:
+                    response: policy_pb2.GenerateResponse, request_id: str,
+                    canary: bool = True) -> list[Ranked]:
     """Scores every non-empty completion of every prompt in one Score call and ranks each
     prompt's. An empty completion (the model stopped at once) is not scored: it ranks last. One
     call is scored by one set of reward-model versions, which each Ranked names."""
@@ -138,5 +142,7 @@ async def score_all(upstreams: Upstreams, prompts: Sequence[common_pb2.Prompt],
     table: list[list[float | None]] = [[None] * len(r.completions) for r in response.results]
     for (k, i), score in zip(where, scores, strict=True):
         table[k][i] = score
+    if canary and upstreams.canary is not None:
+        upstreams.canary.rewarded(request_id, table)
     return [Ranked(r, mine, rank(mine), versions)
             for r, mine in zip(response.results, table, strict=True)]

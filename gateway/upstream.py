@@ -28,6 +28,8 @@ class Upstreams:
         self.metrics = metrics
         self.policy: PolicyClient | None = None
         self.reward: RewardClient | None = None
+        # gateway.canary.Canary when canary_fraction > 0: `policy` requests go through it.
+        self.canary = None
 
     async def open(self) -> None:
         common = dict(timeout=self.config.upstream_timeout_seconds, backoff=NO_RETRY)

@@ -29,7 +29,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, help=__doc__,
              lazy={"up": ("rlhf.stack.cli", "up"), "demo": ("rlhf.stack.demo", "demo"),
-                   "loop": ("services.trainer.loop.cli", "loop")})
+                   "loop": ("services.trainer.loop.cli", "loop"),
+                   "adapters": ("rlhf.adapters_cli", "adapters")})
 @click.version_option(__version__, prog_name="rlhf")
 def main() -> None:
     pass

@@ -12,9 +12,12 @@ from _pytest.fixtures import FixtureFunctionDefinition
 
 from tests.security import (
     drills_budgets,
+    drills_canary,
+    drills_gates,
     drills_gateway,
     drills_loop,
     drills_policy,
+    drills_promotion,
     drills_reward,
     drills_tls,
     drills_tracking,
@@ -22,7 +25,7 @@ from tests.security import (
 )
 
 AREAS = (drills_trainer, drills_policy, drills_tls, drills_tracking, drills_loop, drills_reward,
-         drills_gateway, drills_budgets)
+         drills_gateway, drills_budgets, drills_promotion, drills_gates, drills_canary)
 
 
 def _collect() -> dict[str, object]:

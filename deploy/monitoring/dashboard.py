@@ -1,10 +1,11 @@
 """The rlhf-grpc Grafana dashboard, as code (grafanalib).
 
-Four rows: training (reward, KL, losses, clip fraction, logprob mismatch, staleness, step time by
-phase), serving (tokens/s, latency p50/p99 per service, errors, queue depth), adapters (active
-version per policy replica against the trainer's latest, load latency, failed pushes) and the
-feedback loop (feedback per tenant, budget refusals per tenant, reward-model versions and their
-held-out accuracy).
+Five rows: training (reward, KL, losses, clip fraction, logprob mismatch, staleness, step time by
+phase, eval reward of evaluated and promoted versions), serving (tokens/s, latency p50/p99 per
+service, errors, queue depth), adapters (active version per policy replica against the trainer's
+latest, load latency, failed pushes) and the feedback loop (feedback per tenant, budget refusals
+per tenant, reward-model versions and their held-out accuracy), and the canary of staged
+versions (share, reward, errors and latency per arm, verdicts).
 
 `generate.py` writes it as JSON into the monitoring component, where a ConfigMap carries it to
 Grafana's dashboard sidecar; a test fails when the committed JSON differs from what this builds.
@@ -119,6 +120,20 @@ def training() -> list:
         series("Step time by phase", [
             t(f"rlhf_trainer_phase_seconds{{{NS}}}", "{{phase}}"),
         ], unit="s", stacked=True),
+        series("Eval reward (held-out prompts)", [
+            t(f"rlhf_trainer_eval_reward_mean{{{NS}}}", "latest evaluated version"),
+            t(f"rlhf_trainer_eval_reward_std{{{NS}}}", "its std", "B"),
+            t(f"rlhf_trainer_eval_promoted_reward_mean{{{NS}}}", "promoted version", "C"),
+        ], description="Mean reward of a version's completions on the eval prompts, scored "
+                       "before it is promoted; a version more than max_eval_drop below the "
+                       "promoted one is refused."),
+        series("Evaluated versions", [
+            t(f"max(rlhf_trainer_eval_version{{{NS}}})", "latest evaluated"),
+            t(f"max(rlhf_trainer_eval_promoted_version{{{NS}}})", "promoted by eval", "B"),
+            t(f"sum(increase(rlhf_trainer_eval_refused_total{{{NS}}}[{RATE}]))",
+              "refused by the eval gate", "C"),
+        ], description="A gap between evaluated and promoted: versions held back by their "
+                       "eval reward."),
     ]
 
 
@@ -249,6 +264,47 @@ def feedback_loop() -> list:
     ]
 
 
+def canary() -> list:
+    requests = f"rlhf_gateway_canary_requests_total{{{NS}}}"
+    return [
+        stat("Canary running", f"max(rlhf_gateway_canary_active{{{NS}}})",
+             "1 while a staged version serves its canary share or its verdict is applied."),
+        stat("Canary version", f"max(rlhf_gateway_canary_version{{{NS}}})",
+             "Adapter version of the latest canary trial."),
+        stat("Rollbacks today",
+             f'sum(increase(rlhf_gateway_canary_decisions_total{{decision="rolled_back", '
+             f'{NS}}}[1d]))', "Staged versions the canary rolled back over the last 24 hours "
+                              "(alert RlhfCanaryRolledBack)."),
+        stat("Promotions today",
+             f'sum(increase(rlhf_gateway_canary_decisions_total{{decision="promoted", '
+             f'{NS}}}[1d]))', "Staged versions the canary activated on every replica."),
+        series("Canary share of policy traffic", [
+            t(f'sum(rate(rlhf_gateway_canary_requests_total{{arm="candidate", {NS}}}[{RATE}])) '
+              f"/ sum(rate({requests}[{RATE}]))", "candidate"),
+        ], unit="percentunit",
+            description="Requests the candidate served among those of the trial; never above "
+                        "the gateway's canary_fraction."),
+        series("Canary reward per arm", [
+            t(f"max by (arm) (rlhf_gateway_canary_reward_mean{{{NS}}})", "{{arm}}"),
+        ], description="Mean reward of the running trial's scored answers; the verdict tests "
+                       "the candidate's against the incumbent's minus the margin."),
+        series("Canary error rate per arm", [
+            t(f'sum by (arm) (rate(rlhf_gateway_canary_requests_total{{outcome="error", {NS}}}'
+              f"[{RATE}])) / sum by (arm) (rate({requests}[{RATE}]))", "{{arm}}"),
+        ], unit="percentunit"),
+        series("Canary latency per arm", [
+            *quantiles(f"rlhf_gateway_canary_request_seconds_bucket{{{NS}}}", "arm", "{{arm}}"),
+        ], unit="s"),
+        series("Canary verdicts", [
+            t(f"sum by (decision) (increase(rlhf_gateway_canary_decisions_total{{{NS}}}"
+              f"[{RATE}]))", "{{decision}}"),
+            t(f"sum(increase(rlhf_gateway_canary_apply_failures_total{{{NS}}}[{RATE}]))",
+              "failed replica calls", "B"),
+        ], description="promoted, rolled_back, superseded (committed or dropped by someone "
+                       "else); failed calls are retried (alert RlhfCanaryStuck)."),
+    ]
+
+
 def _layout(rows: list[tuple[str, list]]) -> list:
     """Rows of panels on the grid: stats four to a line, time series two to a line."""
     panels, y = [], 0
@@ -280,7 +336,8 @@ def build() -> Dashboard:
                     "deploy/monitoring/dashboard.py; do not edit by hand).",
         templating=Templating(list=[datasource, namespace]),
         panels=_layout([("Training", training()), ("Serving", serving()),
-                        ("Adapters", adapters()), ("Feedback loop", feedback_loop())]),
+                        ("Adapters", adapters()),
+                        ("Canary", canary()), ("Feedback loop", feedback_loop())]),
     ).auto_panel_ids()
 
 

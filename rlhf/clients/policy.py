@@ -1,6 +1,11 @@
 """Typed client of the policy service (`rlhf.v1.PolicyService`): Generate balanced over every
 replica, adapter pushes to each replica with a quorum, adapter listing and service info.
 
+A staged push (`stage_and_commit`) is all or nothing: the version is staged on every replica
+(received, sha256 checked, loaded, not active); with fewer than the quorum staged, the staged
+copies are dropped and no replica activates it; else it is activated on every replica that
+staged it, and a replica that misses the activation is tried again (bounded) and reported.
+
 Generate pinned to a version this client pushed also succeeds while some replica refused that
 version: a replica that answers NOT_FOUND or FAILED_PRECONDITION sends the call on to a replica
 that confirmed it. A push always goes to every replica, so one that refused a version is pushed
@@ -17,7 +22,7 @@ import grpc
 
 from rlhf.clients.base import Metadata, ServiceClient, new_request_id
 from rlhf.clients.errors import GaveUp, call_failed, start_hint
-from rlhf.clients.push import PushResult, push_adapter
+from rlhf.clients.push import PushResult, adapter_digest, admin_metadata, push_adapter
 from rlhf.clients.retry import Backoff
 from rlhf.plumbing.interceptors import REQUEST_ID_KEY
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
@@ -29,6 +34,8 @@ _NOT_HERE = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 _UNREACHABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 # Pushed versions whose confirming replicas are remembered for pinned Generate calls.
 _REMEMBERED = 16
+# Tries of each replica's activation in a commit, and of a drop of a staged copy.
+COMMIT_ATTEMPTS = 4
 
 
 class PolicyClient(ServiceClient):
@@ -105,11 +112,14 @@ class PolicyClient(ServiceClient):
 
     # ---- information -------------------------------------------------------------------------
 
-    async def get_info(self, *, timeout: float = 30.0, request_id: str | None = None,
+    async def get_info(self, *, endpoint: str | None = None, timeout: float = 30.0,
+                       request_id: str | None = None,
                        ) -> policy_pb2.PolicyServiceGetInfoResponse:
-        return await self.call("GetInfo", lambda t, md: self.stub.GetInfo(
+        """What a replica (one of them, or `endpoint`) serves and its limits."""
+        stub = self.stub if endpoint is None else self.stub_to(endpoint)
+        return await self.call("GetInfo", lambda t, md: stub.GetInfo(
             policy_pb2.PolicyServiceGetInfoRequest(), timeout=t, metadata=md),
-            timeout=timeout, request_id=request_id)
+            address=endpoint, timeout=timeout, request_id=request_id)
 
     async def list_adapters(self, name: str = "", *, endpoint: str | None = None,
                             timeout: float = 30.0, request_id: str | None = None,
@@ -141,8 +151,122 @@ class PolicyClient(ServiceClient):
         client's retry budget, like any other call. `base_model_fingerprint`
         (rlhf.formats.base_model_fingerprint of the trainer's own model) lets the replicas refuse
         an adapter of another model whose folder has the same name."""
+        result, targets = await self._push_all(
+            folder, name, version, base_model_id, token=token, activate=activate,
+            attempts=attempts, timeout=timeout, request_id=request_id,
+            base_model_fingerprint=base_model_fingerprint, need_share=quorum)
+        if len(result.confirmed) < quorum * len(targets):
+            raise GaveUp(
+                f"adapter {name} v{version} confirmed by {len(result.confirmed)} of "
+                f"{len(targets)} policy replicas at {self.address} (quorum {quorum}); "
+                f"refusals: {result.refused}", service=self.service, address=self.address,
+                details=str(result.refused))
+        self._remember(name, version, result.confirmed)
+        return result
+
+    async def stage_and_commit(self, folder: Path, name: str, version: int, base_model_id: str,
+                               *, token: str | None = None, quorum: float = 1.0,
+                               stage_seconds: int = 600, decide=None, commit: bool = True,
+                               attempts: int = 5, timeout: float = 120.0,
+                               request_id: str | None = None,
+                               base_model_fingerprint: str = "") -> PushResult:
+        """Stages the version on every replica, then activates it on all that staged it.
+
+        Fewer than `quorum` (a share) staged: the staged copies are dropped and GaveUp is
+        raised; no replica activated it. `decide` (an async callable taking the PushResult and
+        returning whether to activate, e.g. an evaluation of the staged version pinned) runs
+        between the two phases; False drops nothing and activates nothing: the caller keeps
+        (`keep`) or drops (`drop`) the staged version. `commit=False` stops after staging (a
+        canary takes over; the replicas drop the version unless it is activated within
+        `stage_seconds`). Replicas that miss the activation are tried COMMIT_ATTEMPTS times,
+        then named in `missed`."""
+        result, targets = await self._push_all(
+            folder, name, version, base_model_id, token=token, activate=False,
+            attempts=attempts, timeout=timeout, request_id=request_id,
+            base_model_fingerprint=base_model_fingerprint, stage_seconds=stage_seconds,
+            need_share=quorum)
+        result.sha256 = await asyncio.to_thread(adapter_digest, folder)
+        if len(result.confirmed) < quorum * len(targets):
+            dropped = await self.drop(name, version, result.confirmed, token=token)
+            raise GaveUp(
+                f"adapter {name} v{version} staged by {len(result.confirmed)} of {len(targets)} "
+                f"policy replicas at {self.address} (quorum {quorum}), so no replica activates "
+                f"it; staged copies dropped on {len(dropped)} of {len(result.confirmed)}; "
+                f"refusals: {result.refused}", service=self.service, address=self.address,
+                details=str(result.refused))
+        self._remember(name, version, result.confirmed)
+        if not commit or (decide is not None and not await decide(result)):
+            return result
+        await self.commit(result, name, token=token)
+        return result
+
+    async def commit(self, result: PushResult, name: str, *, token: str | None = None) -> None:
+        """Activates `result.version` on every replica that staged it (`result.confirmed`),
+        each tried COMMIT_ATTEMPTS times; fills result.activated and result.missed."""
+        request = policy_pb2.SetActiveAdapterRequest(
+            adapter=policy_pb2.AdapterRef(name=name, version=result.version))
+        outcomes = await asyncio.gather(*(
+            self._admin_call(ep, "SetActiveAdapter", request, token) for ep in result.confirmed))
+        for endpoint, error in zip(result.confirmed, outcomes, strict=True):
+            if error is None:
+                result.activated.append(endpoint)
+                result.missed.pop(endpoint, None)
+            else:
+                result.missed[endpoint] = error
+
+    async def drop(self, name: str, version: int, endpoints: list[str], *,
+                   token: str | None = None) -> list[str]:
+        """Drops a staged (inactive) version on `endpoints`; returns those that no longer keep
+        it. A replica that cannot be reached drops it by itself at its stage deadline."""
+        request = policy_pb2.DropAdapterRequest(
+            adapter=policy_pb2.AdapterRef(name=name, version=version))
+        outcomes = await asyncio.gather(*(
+            self._admin_call(ep, "DropAdapter", request, token) for ep in endpoints))
+        self._holders.pop((name, version), None)
+        return [ep for ep, error in zip(endpoints, outcomes, strict=True) if error is None]
+
+    async def keep(self, name: str, version: int, endpoints: list[str], *,
+                   token: str | None = None) -> dict[str, str]:
+        """Ends the staging of a version on `endpoints` without activating it (it stays
+        servable pinned, e.g. for the learner's next rollouts); returns the failures."""
+        request = policy_pb2.KeepAdapterRequest(
+            adapter=policy_pb2.AdapterRef(name=name, version=version))
+        outcomes = await asyncio.gather(*(
+            self._admin_call(ep, "KeepAdapter", request, token) for ep in endpoints))
+        return {ep: error for ep, error in zip(endpoints, outcomes, strict=True) if error}
+
+    async def _admin_call(self, endpoint: str, method: str, request, token: str | None,
+                          attempts: int = COMMIT_ATTEMPTS, timeout: float = 30.0) -> str | None:
+        """One admin call to one replica, tried `attempts` times; None or the last error."""
+        delays = Backoff(max_seconds=self.backoff.max_seconds, initial=0.2).delays()
+        metadata = admin_metadata(token) + ((REQUEST_ID_KEY, new_request_id()),)
+        error = ""
+        for attempt in range(attempts):
+            channel = self.open_channel(endpoint)
+            try:
+                await getattr(policy_pb2_grpc.PolicyServiceStub(channel), method)(
+                    request, timeout=timeout, metadata=metadata)
+                return None
+            except grpc.aio.AioRpcError as exc:
+                error = f"{exc.code().name}: {exc.details()}"
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                  grpc.StatusCode.PERMISSION_DENIED,
+                                  grpc.StatusCode.INVALID_ARGUMENT):
+                    return error  # the same call is refused again
+            finally:
+                await channel.close()
+            if attempt + 1 < attempts:
+                await asyncio.sleep(next(delays))
+        return error
+
+    async def _push_all(self, folder: Path, name: str, version: int, base_model_id: str, *,
+                        token: str | None, activate: bool, attempts: int, timeout: float,
+                        request_id: str | None, base_model_fingerprint: str,
+                        need_share: float, stage_seconds: int = 0,
+                        ) -> tuple[PushResult, list[str]]:
+        """The push to every replica with its retries; the outcome per replica, and them."""
         targets = self.endpoints()
-        need = quorum * len(targets)
+        need = need_share * len(targets)
         result = PushResult(version)
         pending = list(targets)
         delays = Backoff(max_seconds=self.backoff.max_seconds, initial=0.5).delays()
@@ -152,7 +276,8 @@ class PolicyClient(ServiceClient):
         while pending:
             outcomes = await asyncio.gather(*(
                 self._push_one(ep, folder, name, version, base_model_id, token, activate,
-                               timeout, metadata, base_model_fingerprint) for ep in pending))
+                               timeout, metadata, base_model_fingerprint, stage_seconds)
+                for ep in pending))
             still = []
             for endpoint, error in zip(pending, outcomes, strict=True):
                 if error is None:
@@ -178,27 +303,22 @@ class PolicyClient(ServiceClient):
                     f"({start_hint(self.service, pending)})")
                 waited = True
             await asyncio.sleep(delay)
-        if len(result.confirmed) < need:
-            raise GaveUp(
-                f"adapter {name} v{version} confirmed by {len(result.confirmed)} of "
-                f"{len(targets)} policy replicas at {self.address} (quorum {quorum}); "
-                f"refusals: {result.refused}", service=self.service, address=self.address,
-                details=str(result.refused))
         if waited:
             self.report_recover()
-        self._remember(name, version, result.confirmed)
-        return result
+        return result, targets
 
     async def _push_one(self, endpoint: str, folder: Path, name: str, version: int,
                         base_model_id: str, token: str | None, activate: bool, timeout: float,
-                        metadata: Metadata, base_model_fingerprint: str = "") -> str | None:
+                        metadata: Metadata, base_model_fingerprint: str = "",
+                        stage_seconds: int = 0) -> str | None:
         # A fresh channel per attempt: a replica that restarts is dialled again at once, not
         # after a kept channel's reconnect backoff.
         channel = self.open_channel(endpoint)
         try:
             await push_adapter(channel, folder, name, version, base_model_id, token=token,
                                activate=activate, timeout=timeout, metadata=metadata,
-                               base_model_fingerprint=base_model_fingerprint)
+                               base_model_fingerprint=base_model_fingerprint,
+                               stage_seconds=stage_seconds)
             return None
         except grpc.aio.AioRpcError as exc:
             return f"{exc.code().name}: {exc.details()}"

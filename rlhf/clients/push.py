@@ -3,7 +3,8 @@ chunks to one replica, and the outcome of a push to every replica.
 
 The folder is what peft's `save_pretrained` writes (`ADAPTER_CONFIG_FILE` and
 `ADAPTER_WEIGHTS_FILE`). Pushing to all replicas with retries and a quorum is
-`PolicyClient.push`."""
+`PolicyClient.push`; staging on all of them and then activating on all or none is
+`PolicyClient.stage_and_commit`."""
 
 from __future__ import annotations
 
@@ -21,9 +22,14 @@ from rlhf.v1 import policy_pb2, policy_pb2_grpc
 CHUNK_BYTES = 1024 * 1024
 
 
+def adapter_digest(folder: Path) -> str:
+    """Hex SHA-256 of an adapter folder's weights: what a push announces and ServedBy reports."""
+    return hashlib.sha256((Path(folder) / ADAPTER_WEIGHTS_FILE).read_bytes()).hexdigest()
+
+
 def push_requests(
     folder: Path, name: str, version: int, base_model_id: str, *, activate: bool = True,
-    chunk_bytes: int = CHUNK_BYTES, base_model_fingerprint: str = "",
+    chunk_bytes: int = CHUNK_BYTES, base_model_fingerprint: str = "", stage_seconds: int = 0,
 ) -> Iterator[policy_pb2.PushAdapterRequest]:
     folder = Path(folder)
     data = (folder / ADAPTER_WEIGHTS_FILE).read_bytes()
@@ -35,6 +41,7 @@ def push_requests(
         peft_config_json=(folder / ADAPTER_CONFIG_FILE).read_text(),
         skip_activate=not activate,
         base_model_fingerprint=base_model_fingerprint,
+        stage_seconds=stage_seconds,
     )
     yield policy_pb2.PushAdapterRequest(header=header)
     for start in range(0, len(data), chunk_bytes):
@@ -50,20 +57,26 @@ async def push_adapter(
     channel: grpc.aio.Channel, folder: Path, name: str, version: int, base_model_id: str, *,
     token: str | None = None, activate: bool = True, timeout: float = 120.0,
     metadata: tuple[tuple[str, str], ...] = (), base_model_fingerprint: str = "",
+    stage_seconds: int = 0,
 ) -> policy_pb2.PushAdapterResponse:
     """One push on `channel` (one replica); a refusal raises grpc.aio.AioRpcError."""
     stub = policy_pb2_grpc.PolicyServiceStub(channel)
     return await stub.PushAdapter(
         push_requests(folder, name, version, base_model_id, activate=activate,
-                      base_model_fingerprint=base_model_fingerprint),
+                      base_model_fingerprint=base_model_fingerprint, stage_seconds=stage_seconds),
         metadata=admin_metadata(token) + tuple(metadata), timeout=timeout,
     )
 
 
 @dataclass
 class PushResult:
-    """Which replicas (endpoints) confirmed a version, and why the others refused it."""
+    """Which replicas (endpoints) confirmed a version, and why the others refused it. After a
+    staged push: which of them activated it (`activated`), and why the others missed the
+    activation (`missed`)."""
 
     version: int
     confirmed: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""
+    activated: list[str] = field(default_factory=list)
+    missed: dict[str, str] = field(default_factory=dict)

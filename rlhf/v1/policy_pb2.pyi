@@ -59,12 +59,14 @@ class AdapterSelector(_message.Message):
     def __init__(self, target: _Optional[_Union[AdapterTarget, str]] = ..., pinned: _Optional[_Union[AdapterRef, _Mapping]] = ...) -> None: ...
 
 class ServedBy(_message.Message):
-    __slots__ = ("base", "adapter")
+    __slots__ = ("base", "adapter", "sha256")
     BASE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     base: bool
     adapter: AdapterRef
-    def __init__(self, base: _Optional[bool] = ..., adapter: _Optional[_Union[AdapterRef, _Mapping]] = ...) -> None: ...
+    sha256: str
+    def __init__(self, base: _Optional[bool] = ..., adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "seed", "logprobs", "top_logprobs", "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos")
@@ -199,7 +201,7 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, index: _Optional[int] = ..., text_delta: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_string: _Optional[str] = ..., served_by: _Optional[_Union[ServedBy, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., finished_by: _Optional[_Union[ServedBy, _Mapping]] = ...) -> None: ...
 
 class AdapterHeader(_message.Message):
-    __slots__ = ("adapter", "sha256", "size_bytes", "base_model_id", "peft_config_json", "skip_activate", "base_model_fingerprint")
+    __slots__ = ("adapter", "sha256", "size_bytes", "base_model_id", "peft_config_json", "skip_activate", "base_model_fingerprint", "stage_seconds")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +209,7 @@ class AdapterHeader(_message.Message):
     PEFT_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SKIP_ACTIVATE_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     adapter: AdapterRef
     sha256: str
     size_bytes: int
@@ -214,7 +217,8 @@ class AdapterHeader(_message.Message):
     peft_config_json: str
     skip_activate: bool
     base_model_fingerprint: str
-    def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., base_model_id: _Optional[str] = ..., peft_config_json: _Optional[str] = ..., skip_activate: _Optional[bool] = ..., base_model_fingerprint: _Optional[str] = ...) -> None: ...
+    stage_seconds: int
+    def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., base_model_id: _Optional[str] = ..., peft_config_json: _Optional[str] = ..., skip_activate: _Optional[bool] = ..., base_model_fingerprint: _Optional[str] = ..., stage_seconds: _Optional[int] = ...) -> None: ...
 
 class PushAdapterRequest(_message.Message):
     __slots__ = ("header", "data")
@@ -225,7 +229,7 @@ class PushAdapterRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[AdapterHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter", "sha256", "size_bytes", "rank", "target_modules", "loaded_at", "active", "in_flight_requests")
+    __slots__ = ("adapter", "sha256", "size_bytes", "rank", "target_modules", "loaded_at", "active", "in_flight_requests", "staged", "staged_until")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +238,8 @@ class AdapterInfo(_message.Message):
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
+    STAGED_UNTIL_FIELD_NUMBER: _ClassVar[int]
     adapter: AdapterRef
     sha256: str
     size_bytes: int
@@ -242,7 +248,9 @@ class AdapterInfo(_message.Message):
     loaded_at: _timestamp_pb2.Timestamp
     active: bool
     in_flight_requests: int
-    def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active: _Optional[bool] = ..., in_flight_requests: _Optional[int] = ...) -> None: ...
+    staged: bool
+    staged_until: _timestamp_pb2.Timestamp
+    def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active: _Optional[bool] = ..., in_flight_requests: _Optional[int] = ..., staged: _Optional[bool] = ..., staged_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class PushAdapterResponse(_message.Message):
     __slots__ = ("adapter", "activated", "load_seconds")
@@ -269,6 +277,30 @@ class SetActiveAdapterResponse(_message.Message):
     previous: ServedBy
     active: ServedBy
     def __init__(self, previous: _Optional[_Union[ServedBy, _Mapping]] = ..., active: _Optional[_Union[ServedBy, _Mapping]] = ...) -> None: ...
+
+class DropAdapterRequest(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: AdapterRef
+    def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ...) -> None: ...
+
+class DropAdapterResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: bool
+    def __init__(self, dropped: _Optional[bool] = ...) -> None: ...
+
+class KeepAdapterRequest(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: AdapterRef
+    def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ...) -> None: ...
+
+class KeepAdapterResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: AdapterInfo
+    def __init__(self, adapter: _Optional[_Union[AdapterInfo, _Mapping]] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ("name",)

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class PolicyServiceStub:
     """Samples completions from the policy model and manages the LoRA adapters it serves.
-    PushAdapter and SetActiveAdapter need the admin token in the "authorization" metadata
+    PushAdapter, SetActiveAdapter, DropAdapter and KeepAdapter need the admin token in the "authorization" metadata
     ("Bearer <token>"); the other calls don't.
     """
 
@@ -57,6 +57,16 @@ class PolicyServiceStub:
                 request_serializer=rlhf_dot_v1_dot_policy__pb2.SetActiveAdapterRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_policy__pb2.SetActiveAdapterResponse.FromString,
                 _registered_method=True)
+        self.DropAdapter = channel.unary_unary(
+                '/rlhf.v1.PolicyService/DropAdapter',
+                request_serializer=rlhf_dot_v1_dot_policy__pb2.DropAdapterRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_policy__pb2.DropAdapterResponse.FromString,
+                _registered_method=True)
+        self.KeepAdapter = channel.unary_unary(
+                '/rlhf.v1.PolicyService/KeepAdapter',
+                request_serializer=rlhf_dot_v1_dot_policy__pb2.KeepAdapterRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_policy__pb2.KeepAdapterResponse.FromString,
+                _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/rlhf.v1.PolicyService/ListAdapters',
                 request_serializer=rlhf_dot_v1_dot_policy__pb2.ListAdaptersRequest.SerializeToString,
@@ -71,7 +81,7 @@ class PolicyServiceStub:
 
 class PolicyServiceServicer:
     """Samples completions from the policy model and manages the LoRA adapters it serves.
-    PushAdapter and SetActiveAdapter need the admin token in the "authorization" metadata
+    PushAdapter, SetActiveAdapter, DropAdapter and KeepAdapter need the admin token in the "authorization" metadata
     ("Bearer <token>"); the other calls don't.
     """
 
@@ -99,6 +109,22 @@ class PolicyServiceServicer:
 
     def SetActiveAdapter(self, request, context):
         """Makes a kept adapter version (or the base model) the one served to unpinned requests.
+        Activating a staged version commits it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropAdapter(self, request, context):
+        """Drops a kept version that is not active (a staged version that will not be committed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KeepAdapter(self, request, context):
+        """Ends the staging of a staged version without activating it: it stays kept, servable to
+        requests pinned to it, and is evicted like any other version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,6 +167,16 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     request_deserializer=rlhf_dot_v1_dot_policy__pb2.SetActiveAdapterRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_policy__pb2.SetActiveAdapterResponse.SerializeToString,
             ),
+            'DropAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropAdapter,
+                    request_deserializer=rlhf_dot_v1_dot_policy__pb2.DropAdapterRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_policy__pb2.DropAdapterResponse.SerializeToString,
+            ),
+            'KeepAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeepAdapter,
+                    request_deserializer=rlhf_dot_v1_dot_policy__pb2.KeepAdapterRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_policy__pb2.KeepAdapterResponse.SerializeToString,
+            ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
                     request_deserializer=rlhf_dot_v1_dot_policy__pb2.ListAdaptersRequest.FromString,
@@ -161,7 +197,7 @@ def add_PolicyServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class PolicyService:
     """Samples completions from the policy model and manages the LoRA adapters it serves.
-    PushAdapter and SetActiveAdapter need the admin token in the "authorization" metadata
+    PushAdapter, SetActiveAdapter, DropAdapter and KeepAdapter need the admin token in the "authorization" metadata
     ("Bearer <token>"); the other calls don't.
     """
 
@@ -263,6 +299,60 @@ class PolicyService:
             '/rlhf.v1.PolicyService/SetActiveAdapter',
             rlhf_dot_v1_dot_policy__pb2.SetActiveAdapterRequest.SerializeToString,
             rlhf_dot_v1_dot_policy__pb2.SetActiveAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.PolicyService/DropAdapter',
+            rlhf_dot_v1_dot_policy__pb2.DropAdapterRequest.SerializeToString,
+            rlhf_dot_v1_dot_policy__pb2.DropAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.PolicyService/KeepAdapter',
+            rlhf_dot_v1_dot_policy__pb2.KeepAdapterRequest.SerializeToString,
+            rlhf_dot_v1_dot_policy__pb2.KeepAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

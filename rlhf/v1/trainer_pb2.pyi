@@ -56,7 +56,7 @@ RUN_EVENT_KIND_CHECKPOINT_SAVED: RunEventKind
 RUN_EVENT_KIND_WAITING: RunEventKind
 
 class RunConfig(_message.Message):
-    __slots__ = ("algorithm", "model", "init_adapter", "prompts_path", "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature", "learning_rate", "ppo_epochs", "minibatch_size", "clip_range", "clip_range_value", "gamma", "lam", "kl_coef", "target_kl", "kl_estimator", "lora_rank", "lora_alpha", "target_modules", "max_staleness", "seed", "checkpoint_every", "adapter_name", "push_quorum", "device", "compute_dtype", "micro_batch_size", "gradient_checkpointing", "loss_type", "clip_range_low", "clip_range_high", "mismatch_correction", "mismatch_threshold", "dynamic_sampling", "max_refill_rounds", "overlong", "overlong_buffer", "overlong_penalty", "report_to")
+    __slots__ = ("algorithm", "model", "init_adapter", "prompts_path", "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature", "learning_rate", "ppo_epochs", "minibatch_size", "clip_range", "clip_range_value", "gamma", "lam", "kl_coef", "target_kl", "kl_estimator", "lora_rank", "lora_alpha", "target_modules", "max_staleness", "seed", "checkpoint_every", "adapter_name", "push_quorum", "device", "compute_dtype", "micro_batch_size", "gradient_checkpointing", "loss_type", "clip_range_low", "clip_range_high", "mismatch_correction", "mismatch_threshold", "dynamic_sampling", "max_refill_rounds", "overlong", "overlong_buffer", "overlong_penalty", "report_to", "eval_prompts_path", "eval_every", "eval_samples", "eval_temperature", "max_eval_drop", "keep_checkpoints", "resume_from", "max_update_norm", "on_bad_step", "max_bad_steps", "stage_seconds", "delivery_threshold", "delivery_samples", "promotion", "canary_wait_seconds")
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INIT_ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,21 @@ class RunConfig(_message.Message):
     OVERLONG_BUFFER_FIELD_NUMBER: _ClassVar[int]
     OVERLONG_PENALTY_FIELD_NUMBER: _ClassVar[int]
     REPORT_TO_FIELD_NUMBER: _ClassVar[int]
+    EVAL_PROMPTS_PATH_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EVAL_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    MAX_EVAL_DROP_FIELD_NUMBER: _ClassVar[int]
+    KEEP_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
+    ON_BAD_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_BAD_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     algorithm: Algorithm
     model: str
     init_adapter: str
@@ -141,7 +156,22 @@ class RunConfig(_message.Message):
     overlong_buffer: int
     overlong_penalty: float
     report_to: str
-    def __init__(self, algorithm: _Optional[_Union[Algorithm, str]] = ..., model: _Optional[str] = ..., init_adapter: _Optional[str] = ..., prompts_path: _Optional[str] = ..., steps: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., samples_per_prompt: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., learning_rate: _Optional[float] = ..., ppo_epochs: _Optional[int] = ..., minibatch_size: _Optional[int] = ..., clip_range: _Optional[float] = ..., clip_range_value: _Optional[float] = ..., gamma: _Optional[float] = ..., lam: _Optional[float] = ..., kl_coef: _Optional[float] = ..., target_kl: _Optional[float] = ..., kl_estimator: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_staleness: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., adapter_name: _Optional[str] = ..., push_quorum: _Optional[float] = ..., device: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., micro_batch_size: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., loss_type: _Optional[str] = ..., clip_range_low: _Optional[float] = ..., clip_range_high: _Optional[float] = ..., mismatch_correction: _Optional[str] = ..., mismatch_threshold: _Optional[float] = ..., dynamic_sampling: _Optional[bool] = ..., max_refill_rounds: _Optional[int] = ..., overlong: _Optional[str] = ..., overlong_buffer: _Optional[int] = ..., overlong_penalty: _Optional[float] = ..., report_to: _Optional[str] = ...) -> None: ...
+    eval_prompts_path: str
+    eval_every: int
+    eval_samples: int
+    eval_temperature: float
+    max_eval_drop: float
+    keep_checkpoints: int
+    resume_from: str
+    max_update_norm: float
+    on_bad_step: str
+    max_bad_steps: int
+    stage_seconds: int
+    delivery_threshold: float
+    delivery_samples: int
+    promotion: str
+    canary_wait_seconds: float
+    def __init__(self, algorithm: _Optional[_Union[Algorithm, str]] = ..., model: _Optional[str] = ..., init_adapter: _Optional[str] = ..., prompts_path: _Optional[str] = ..., steps: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., samples_per_prompt: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., learning_rate: _Optional[float] = ..., ppo_epochs: _Optional[int] = ..., minibatch_size: _Optional[int] = ..., clip_range: _Optional[float] = ..., clip_range_value: _Optional[float] = ..., gamma: _Optional[float] = ..., lam: _Optional[float] = ..., kl_coef: _Optional[float] = ..., target_kl: _Optional[float] = ..., kl_estimator: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_staleness: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., adapter_name: _Optional[str] = ..., push_quorum: _Optional[float] = ..., device: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., micro_batch_size: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., loss_type: _Optional[str] = ..., clip_range_low: _Optional[float] = ..., clip_range_high: _Optional[float] = ..., mismatch_correction: _Optional[str] = ..., mismatch_threshold: _Optional[float] = ..., dynamic_sampling: _Optional[bool] = ..., max_refill_rounds: _Optional[int] = ..., overlong: _Optional[str] = ..., overlong_buffer: _Optional[int] = ..., overlong_penalty: _Optional[float] = ..., report_to: _Optional[str] = ..., eval_prompts_path: _Optional[str] = ..., eval_every: _Optional[int] = ..., eval_samples: _Optional[int] = ..., eval_temperature: _Optional[float] = ..., max_eval_drop: _Optional[float] = ..., keep_checkpoints: _Optional[int] = ..., resume_from: _Optional[str] = ..., max_update_norm: _Optional[float] = ..., on_bad_step: _Optional[str] = ..., max_bad_steps: _Optional[int] = ..., stage_seconds: _Optional[int] = ..., delivery_threshold: _Optional[float] = ..., delivery_samples: _Optional[int] = ..., promotion: _Optional[str] = ..., canary_wait_seconds: _Optional[float] = ...) -> None: ...
 
 class StepMetrics(_message.Message):
     __slots__ = ("step", "reward_mean", "reward_std", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "logprob_mismatch", "staleness", "samples_per_second", "generate_seconds", "score_seconds", "train_seconds", "push_seconds", "adapter_version", "kl_coef", "step_seconds", "peak_memory_gb", "mismatch_ratio_mean", "mismatch_ratio_max", "mismatch_masked_share", "mismatch_kl")

@@ -29,7 +29,8 @@ from services.policy.stats import EngineStats
 
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 # The calls that change the served model: they need the admin token.
-ADMIN_METHODS = frozenset(f"/{SERVICE_NAME}/{m}" for m in ("PushAdapter", "SetActiveAdapter"))
+ADMIN_METHODS = frozenset(f"/{SERVICE_NAME}/{m}" for m in (
+    "PushAdapter", "SetActiveAdapter", "DropAdapter", "KeepAdapter"))
 HEALTH_POLL_SECONDS = 1.0
 log = logging.getLogger("rlhf.policy")
 
@@ -61,6 +62,12 @@ class _Deferred(policy_pb2_grpc.PolicyServiceServicer):
 
     async def SetActiveAdapter(self, request, context):
         return await self._target().SetActiveAdapter(request, context)
+
+    async def DropAdapter(self, request, context):
+        return await self._target().DropAdapter(request, context)
+
+    async def KeepAdapter(self, request, context):
+        return await self._target().KeepAdapter(request, context)
 
     async def ListAdapters(self, request, context):
         return await self._target().ListAdapters(request, context)

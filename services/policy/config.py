@@ -66,7 +66,8 @@ class PolicyConfig(ServiceConfig):
         1024, ge=1, description="Admission bound: sequences (prompts x n) in flight at once."
     )
     admin_token: str | None = Field(
-        None, repr=False, description="Token PushAdapter/SetActiveAdapter need."
+        None, repr=False,
+        description="Token the adapter admin calls need (push, activate, drop, keep).",
     )
     admin_token_file: Path | None = Field(
         None, description="File holding admin_token (when that is unset)."

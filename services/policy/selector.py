@@ -28,8 +28,9 @@ def parse_selector(sel: policy_pb2.AdapterSelector) -> Target:
     return Target("active")
 
 
-def served_by(key: Key | None) -> policy_pb2.ServedBy:
-    """key None = the base model."""
+def served_by(key: Key | None, sha256: str = "") -> policy_pb2.ServedBy:
+    """key None = the base model; sha256: the version's digest, as the replica checked it."""
     if key is None:
         return policy_pb2.ServedBy(base=True)
-    return policy_pb2.ServedBy(adapter=policy_pb2.AdapterRef(name=key[0], version=key[1]))
+    return policy_pb2.ServedBy(adapter=policy_pb2.AdapterRef(name=key[0], version=key[1]),
+                               sha256=sha256)

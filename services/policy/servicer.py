@@ -45,15 +45,28 @@ def _top(delta: CompletionDelta) -> list[policy_pb2.TopLogprobs]:
     ]
 
 
-def adapter_info(kept: Kept, active: Key | None) -> policy_pb2.AdapterInfo:
+def _timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
-    ts.FromNanoseconds(int(kept.loaded_at * 1e9))
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def adapter_info(kept: Kept, registry: AdapterRegistry) -> policy_pb2.AdapterInfo:
+    until = registry.staged_until(kept.key)
     return policy_pb2.AdapterInfo(
         adapter=policy_pb2.AdapterRef(name=kept.handle.name, version=kept.handle.version),
         sha256=kept.sha256, size_bytes=kept.size_bytes, rank=kept.rank,
-        target_modules=kept.target_modules, loaded_at=ts, active=kept.key == active,
-        in_flight_requests=kept.in_flight,
+        target_modules=kept.target_modules, loaded_at=_timestamp(kept.loaded_at),
+        active=kept.key == registry.active, in_flight_requests=kept.in_flight,
+        staged=until is not None, staged_until=_timestamp(until) if until is not None else None,
     )
+
+
+def _version_key(ref: policy_pb2.AdapterRef) -> Key:
+    check_name(ref.name)
+    if ref.version < 1:
+        raise InvalidArgument("adapter.version must be >= 1")
+    return (ref.name, ref.version)
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
@@ -78,6 +91,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             default_max_tokens=cfg.default_max_tokens,
         )
 
+    def _served_by(self, key: Key | None) -> policy_pb2.ServedBy:
+        """ServedBy with the digest of the version, so a caller can tell it is what it pushed."""
+        kept = self.registry.existing(*key) if key is not None else None
+        return served_by(key, kept.sha256 if kept is not None else "")
+
     # ------------------------------------------------------------------ generation
 
     async def _complete(self, ids, sampling: Sampling, request_id: str, lease: Lease):
@@ -89,7 +107,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             for c in out.completions:
                 final[c.index] = c
         now, switched = self.registry.finished_by(lease)
-        return [final[i] for i in sorted(final)], (served_by(now) if switched else None)
+        return [final[i] for i in sorted(final)], (self._served_by(now) if switched else None)
 
     def _tokenize(self, prompts, sampling: Sampling, limits: Limits, single: bool):
         prepared = []
@@ -139,11 +157,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     # the first error itself, so a ServiceError keeps its status code.
                     raise group.exceptions[0] from None
         response = policy_pb2.GenerateResponse(request_id=rid)
+        # The digest of the version the lease held (it may be unloaded by now).
+        lease_sha = lease.kept.sha256 if lease.kept is not None else ""
         generated = 0
         for i, ((ids, _), task) in enumerate(zip(prepared, tasks, strict=True)):
             completions, finished_by = task.result()
             result = response.results.add(prompt_index=i, prompt_token_ids=ids,
-                                          served_by=served_by(lease.served),
+                                          served_by=served_by(lease.served, lease_sha),
                                           finished_by=finished_by)
             for c in completions:
                 generated += len(c.token_ids)
@@ -170,7 +190,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             async with self.registry.lease(target.kind, target.pinned) as lease:
                 self.stats.prompt_tokens.inc(len(ids))
                 yield policy_pb2.GenerateStreamResponse(
-                    served_by=served_by(lease.served), prompt_token_ids=ids
+                    served_by=served_by(lease.served,
+                                        lease.kept.sha256 if lease.kept is not None else ""),
+                    prompt_token_ids=ids,
                 )
                 outputs = self.engine.generate(ids, s, rid, lease.handle, stream=True,
                                                on_submit=lease.submitted)
@@ -191,7 +213,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.stats.generated_tokens.inc(generated)
         yield policy_pb2.GenerateStreamResponse(
             usage=common_pb2.Usage(prompt_tokens=len(ids), completion_tokens=generated),
-            finished_by=served_by(now) if switched else None,
+            finished_by=self._served_by(now) if switched else None,
         )
 
     # ------------------------------------------------------------------ adapters
@@ -199,7 +221,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     async def PushAdapter(self, request_iterator, context):
         pushed = await self.store.push(request_iterator)
         return policy_pb2.PushAdapterResponse(
-            adapter=adapter_info(pushed.kept, self.registry.active),
+            adapter=adapter_info(pushed.kept, self.registry),
             activated=pushed.activated, load_seconds=pushed.load_seconds,
         )
 
@@ -209,16 +231,28 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             check_name(request.adapter.name)
             key = (request.adapter.name, request.adapter.version)
         previous, now = await self.registry.set_active(key)
-        return policy_pb2.SetActiveAdapterResponse(previous=served_by(previous),
-                                                   active=served_by(now))
+        return policy_pb2.SetActiveAdapterResponse(previous=self._served_by(previous),
+                                                   active=self._served_by(now))
+
+    async def DropAdapter(self, request, context):
+        key = _version_key(request.adapter)
+        staged = self.registry.staged_until(key) is not None
+        dropped = await self.registry.drop(key)
+        if dropped and staged:
+            self.stats.staged_dropped.labels("drop").inc()
+        return policy_pb2.DropAdapterResponse(dropped=dropped)
+
+    async def KeepAdapter(self, request, context):
+        kept = self.registry.keep(_version_key(request.adapter))
+        return policy_pb2.KeepAdapterResponse(adapter=adapter_info(kept, self.registry))
 
     async def ListAdapters(self, request, context):
         kept = self.registry.kept()
         if request.name:
             kept = [k for k in kept if k.handle.name == request.name]
         return policy_pb2.ListAdaptersResponse(
-            adapters=[adapter_info(k, self.registry.active) for k in kept],
-            active=served_by(self.registry.active),
+            adapters=[adapter_info(k, self.registry) for k in kept],
+            active=self._served_by(self.registry.active),
             next_version=self.registry.next_version(request.name) if request.name else 0,
         )
 
@@ -241,7 +275,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             keep_versions=cfg.keep_versions,
             adapter_mode=(policy_pb2.ADAPTER_MODE_MERGED if cfg.adapter_mode == "merged"
                           else policy_pb2.ADAPTER_MODE_LORA),
-            active=served_by(self.registry.active),
+            active=self._served_by(self.registry.active),
             engine=self.engine.version,
             dtype=self.engine.dtype,
             default_max_tokens=cfg.default_max_tokens,

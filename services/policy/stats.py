@@ -37,6 +37,13 @@ class EngineStats:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.pushed_bytes = m.counter("rlhf_policy_adapter_pushed_bytes", "Adapter bytes received")
+        self.staged_adapters = m.gauge(
+            "rlhf_policy_staged_adapters", "Adapter versions staged and not committed yet"
+        )
+        self.staged_dropped = m.counter(
+            "rlhf_policy_staged_dropped", "Staged adapter versions dropped, by reason (drop: "
+            "DropAdapter; timeout: not committed by the deadline)", ("reason",)
+        )
         self.loaded_adapters = m.gauge(
             "rlhf_policy_loaded_adapters", "Adapter versions loaded in the engine"
         )

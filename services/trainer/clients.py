@@ -29,6 +29,9 @@ __all__ = ["BadAnswer", "GaveUp", "PushResult", "Sample", "Services", "check_gen
            "check_scores", "prompt_message"]
 # A logprob is <= 0; float32 rounding of the policy's log-softmax can land just above.
 LOGPROB_SLACK = 1e-3
+# The largest score the learner takes: its rewards are float32 tensors, where a larger double
+# becomes inf (and the step's losses NaN).
+MAX_SCORE = 3.4028234663852886e38  # float32's largest finite value
 
 
 class BadAnswer(RuntimeError):
@@ -43,6 +46,7 @@ class Sample:
     completion_text: str
     behaviour_logprobs: list[float]
     adapter_version: int  # 0 = base model
+    adapter_sha256: str = ""  # the digest of the weights the policy says produced it
     score: float = 0.0
     truncated: bool = False  # stopped at max_new_tokens (finish reason LENGTH)
     in_loss: bool = True  # False: kept out of the loss (ppo/sampling.py, overlong filter)
@@ -74,6 +78,14 @@ class Services:
         """Closes every channel to both services."""
         await asyncio.gather(self.policy.close(), self.reward.close())
 
+    async def policy_engines(self) -> set[str]:
+        """The engine each policy replica runs (GetInfo.engine, e.g. "vllm 0.32.0", "fake 1.0")."""
+        engines = set()
+        for endpoint in self.policy.endpoints():
+            info = await self.policy.get_info(endpoint=endpoint)
+            engines.add(info.engine)
+        return engines
+
     async def newest_version(self) -> int:
         """The newest version of this run's adapter name any replica has accepted (0 if none),
         evicted ones included: a replica never takes a version number twice."""
@@ -102,6 +114,8 @@ class Services:
         samples = []
         for result in resp.results:
             served = result.served_by
+            # A merged-mode replica that switched mid-request names the weights that finished.
+            done = result.finished_by if result.HasField("finished_by") else served
             version = (served.adapter.version
                        if not served.base and served.adapter.name == self.adapter_name else 0)
             for c in result.completions:
@@ -109,6 +123,7 @@ class Services:
                     prompt_index=result.prompt_index, prompt_ids=list(result.prompt_token_ids),
                     completion_ids=list(c.token_ids), completion_text=c.text,
                     behaviour_logprobs=list(c.logprobs), adapter_version=version,
+                    adapter_sha256=done.sha256,
                     truncated=c.finish_reason == policy_pb2.FINISH_REASON_LENGTH,
                 ))
         return samples
@@ -138,6 +153,28 @@ class Services:
         return await self.policy.push(folder, self.adapter_name, version, base_model_id,
                                       token=token, quorum=quorum, attempts=attempts,
                                       base_model_fingerprint=base_model_fingerprint)
+
+    async def stage(self, folder: Path, version: int, base_model_id: str, token: str | None,
+                    quorum: float, stage_seconds: int,
+                    base_model_fingerprint: str = "") -> PushResult:
+        """Stages `version` on every replica (loaded, not active); with fewer than `quorum` of
+        them staged, the staged copies are dropped and GaveUp raised (no replica activates
+        it). Then `commit` activates it, or `keep` leaves it inactive."""
+        return await self.policy.stage_and_commit(
+            folder, self.adapter_name, version, base_model_id, token=token, quorum=quorum,
+            stage_seconds=stage_seconds, commit=False,
+            base_model_fingerprint=base_model_fingerprint)
+
+    async def commit(self, result: PushResult, token: str | None) -> None:
+        """Activates a staged version on the replicas that staged it; result.missed names
+        those that still refused after the bounded retries."""
+        await self.policy.commit(result, self.adapter_name, token=token)
+
+    async def keep(self, result: PushResult, token: str | None) -> dict[str, str]:
+        """Leaves a staged version inactive on its replicas, past its stage deadline (the next
+        rollouts are pinned to it)."""
+        return await self.policy.keep(self.adapter_name, result.version, result.confirmed,
+                                      token=token)
 
 
 def check_generate(resp: policy_pb2.GenerateResponse, prompts: int, n: int, max_tokens: int,
@@ -179,12 +216,17 @@ def check_generate(resp: policy_pb2.GenerateResponse, prompts: int, n: int, max_
 
 
 def check_scores(resp, items: int, peer: str) -> list[float]:
-    """The scores of a ScoreResponse, or BadAnswer unless there is one finite score per item."""
+    """The scores of a ScoreResponse, or BadAnswer unless there is one finite score per item,
+    within the float32 range the learner computes in (+-MAX_SCORE)."""
     where = f"{peer} answered Score (request id {resp.request_id or '-'}) with"
     scores = [s.score for s in resp.scores]
     if len(scores) != items:
         raise BadAnswer(f"{where} {len(scores)} scores for {items} items")
     bad = next((i for i, v in enumerate(scores) if not math.isfinite(v)), None)
     if bad is not None:
-        raise BadAnswer(f"{where} score {scores[bad]} for item {bad}")
+        raise BadAnswer(f"{where} score {scores[bad]} for item {bad} (a score must be finite)")
+    bad = next((i for i, v in enumerate(scores) if abs(v) > MAX_SCORE), None)
+    if bad is not None:
+        raise BadAnswer(f"{where} score {scores[bad]} for item {bad}, beyond the learner's "
+                        f"float32 range (+-{MAX_SCORE:.3g}), where it would be infinite")
     return scores

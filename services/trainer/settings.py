@@ -20,9 +20,10 @@ from rlhf.plumbing.config import ConfigError, read_yaml_mapping
 
 
 class StageSettings(BaseModel):
-    """Base of every stage's settings: unknown keys are errors."""
+    """Base of every stage's settings: unknown keys are errors, and so is an infinite or NaN
+    number (a learning rate of inf trains NaN weights)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     what: ClassVar[str] = "settings"  # how messages name these settings
 
     @classmethod

@@ -781,7 +781,10 @@ def test_dashboard_covers_training_serving_and_adapters():
                    "sum by (tenant, kind) (rate(rlhf_gateway_feedback_total",
                    "sum by (tenant, budget) (rate(rlhf_gateway_budget_refusals_total",
                    "max by (version) (rlhf_reward_model_active",
-                   "max by (version) (rlhf_reward_model_heldout_accuracy"):
+                   "max by (version) (rlhf_reward_model_heldout_accuracy",
+                   "rlhf_trainer_eval_reward_mean", "rlhf_trainer_eval_reward_std",
+                   "rlhf_trainer_eval_promoted_reward_mean", "rlhf_trainer_eval_version",
+                   "rlhf_trainer_eval_promoted_version", "rlhf_trainer_eval_refused_total"):
         assert needle in text, needle
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))

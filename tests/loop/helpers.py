@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from pathlib import Path
 
 import httpx
@@ -37,18 +36,20 @@ async def reward_versions(handle) -> tuple[str, list[str]]:
     return listed.active, [m.version for m in listed.models]
 
 
-def store_answers(db_url: str, answers: list[tuple[str, list[str]]], key: str = USER_KEY
-                  ) -> list[str]:
+def store_answers(db_url: str, answers: list[tuple[str, list[str]]], prefix: str,
+                  key: str = USER_KEY) -> list[str]:
     """Stores (prompt, candidate texts) answers for `key`'s tenant in the gateway's feedback
-    store, as best-of-n does; returns their request ids."""
+    store, as best-of-n does; returns their request ids, PREFIX-0, PREFIX-1, ... (fixed ids
+    fix the loop's split into training and held-out pairs, so a test sees the same round
+    every time)."""
     from gateway.feedback import FeedbackStore, StoredCandidate
     from gateway.guard import key_id
 
     store = FeedbackStore(db_url)
     ids = []
     try:
-        for prompt, texts in answers:
-            request_id = uuid.uuid4().hex
+        for i, (prompt, texts) in enumerate(answers):
+            request_id = f"{prefix}-{i}"
             store.record_answer(request_id, "best_of_n", "policy", prompt, None,
                                 [StoredCandidate(i, t, 0.0, "stop") for i, t in enumerate(texts)],
                                 0, tenant=key_id(key))

@@ -52,7 +52,7 @@ async def test_poisoned_feedback_never_becomes_the_active_reward_model(loop_dril
     falls on the old held-out pairs (the first model's validation set): refused, exit 3, the
     active version unchanged, the cursor not moved."""
     gateway, reward, db = loop_drill_peers
-    for request_id in store_answers(db, good_bad_answers(40, seed=21)):
+    for request_id in store_answers(db, good_bad_answers(40, seed=21), "poison"):
         await pick(gateway.url, request_id, 1)
     folder = tmp_path / "loop"
     result = await run_loop(*loop_args(gateway.url, reward.server.port, folder,

@@ -10,6 +10,10 @@ folders and a damaged state.json are moved aside, and the replica serves what is
 A request takes a lease on the version it runs on. Each name keeps its newest `keep_versions`
 versions (and the active one); older ones are retired: they take no new requests, and are
 unloaded and deleted once their last lease is returned.
+
+A staged version (pushed with a stage deadline) is kept and servable to requests pinned to it,
+but not active; activating it commits it, and one not committed by its deadline is dropped. The
+deadlines are in state.json, so a restart does not turn a staged version into a kept one.
 """
 
 from __future__ import annotations
@@ -127,6 +131,9 @@ class AdapterRegistry(abc.ABC):
         self._newest: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._switch_lock = asyncio.Lock()
+        self._staged: dict[Key, float] = {}  # staged version -> wall-clock commit deadline
+        self._expiry: dict[Key, asyncio.TimerHandle] = {}
+        self._dropping: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ what each mode does
 
@@ -171,6 +178,8 @@ class AdapterRegistry(abc.ABC):
         state = {
             "active": {"name": self.active[0], "version": self.active[1]} if self.active else None,
             "newest": self._newest,
+            "staged": [{"name": n, "version": v, "until": until}
+                       for (n, v), until in sorted(self._staged.items())],
         }
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write(self.root / STATE_FILE, json.dumps(state, indent=1))
@@ -191,6 +200,8 @@ class AdapterRegistry(abc.ABC):
                 int(active["version"])
             newest = state.get("newest") or {}
             state["newest"] = {check_name(k): int(v) for k, v in newest.items()}
+            state["staged"] = {(check_name(x["name"]), int(x["version"])): float(x["until"])
+                               for x in state.get("staged") or ()}
             return state
         except (ValueError, KeyError, TypeError, OSError, InvalidArgument) as exc:
             aside = state_file.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
@@ -264,6 +275,9 @@ class AdapterRegistry(abc.ABC):
         elif active_key is not None:
             log.warning("active adapter %s is not restored; serving the base model",
                         fmt(active_key))
+        for key, until in (state.get("staged") or {}).items():
+            if key in self._kept and key != self.active:
+                self.stage(key, until - time.time())  # a past deadline drops it at once
         self._refresh_gauges()
         if self._kept:
             log.info("restored %d adapter version(s); active: %s", len(self._kept),
@@ -405,6 +419,10 @@ class AdapterRegistry(abc.ABC):
                 raise NotFound(f"adapter {fmt(key)} is not kept by this replica")
         previous = self.active
         await self._switch(key)
+        if key in self._staged:
+            self._unstage(key)
+            self._save_state()
+            log.info("staged adapter %s committed", fmt(key))
         if previous is not None:
             await self._retire_old(previous[0])
         self._refresh_gauges()
@@ -428,9 +446,71 @@ class AdapterRegistry(abc.ABC):
             if kept.in_flight == 0:
                 await self._unload(kept)
 
+    # ------------------------------------------------------------------ staging
+
+    def stage(self, key: Key, seconds: float) -> None:
+        """Marks a kept, inactive version staged: dropped unless activated within `seconds`."""
+        self._unstage(key)
+        self._staged[key] = time.time() + seconds
+        loop = asyncio.get_running_loop()
+        self._expiry[key] = loop.call_later(max(0.0, seconds), self._expire, key)
+        self._save_state()
+
+    def staged_until(self, key: Key) -> float | None:
+        return self._staged.get(key)
+
+    def _unstage(self, key: Key) -> None:
+        self._staged.pop(key, None)
+        timer = self._expiry.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire(self, key: Key) -> None:
+        if key not in self._staged:
+            return
+        log.warning("staged adapter %s was not committed by its deadline; dropping it",
+                    fmt(key))
+        self.stats.staged_dropped.labels("timeout").inc()
+        task = asyncio.get_running_loop().create_task(self.drop(key))
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
+
+    def keep(self, key: Key) -> Kept:
+        """Ends a version's staging without activating it (a no-op when it is not staged)."""
+        kept = self._kept.get(key)
+        if kept is None or kept.retiring:
+            raise NotFound(f"adapter {fmt(key)} is not kept by this replica")
+        if key in self._staged:
+            self._unstage(key)
+            self._save_state()
+            self._refresh_gauges()
+            log.info("staged adapter %s kept inactive", fmt(key))
+        return kept
+
+    async def drop(self, key: Key) -> bool:
+        """Drops a kept version that is not active (it leaves once its running requests end);
+        False when it is not kept."""
+        kept = self._kept.get(key)
+        if kept is None or kept.retiring:
+            self._unstage(key)
+            return False
+        if key == self.active:
+            raise FailedPrecondition(
+                f"adapter {fmt(key)} is active: activate another version (or the base model) "
+                "before dropping it")
+        self._unstage(key)
+        kept.retiring = True
+        if kept.in_flight == 0:
+            await self._unload(kept)
+        self._save_state()
+        self._refresh_gauges()
+        log.info("dropped adapter %s", fmt(key))
+        return True
+
     async def _unload(self, kept: Kept) -> None:
         if self._kept.get(kept.key) is not kept:
             return
+        self._unstage(kept.key)
         del self._kept[kept.key]
         await self._unload_from_engine(kept)
         shutil.rmtree(kept.handle.path, ignore_errors=True)
@@ -444,6 +524,7 @@ class AdapterRegistry(abc.ABC):
 
     def _refresh_gauges(self) -> None:
         self.stats.loaded_adapters.set(len(self._kept))
+        self.stats.staged_adapters.set(len(self._staged))
         names = {n for n, _ in self._kept} | set(self._newest)
         for name in names:
             version = self.active[1] if self.active and self.active[0] == name else 0

@@ -4,8 +4,10 @@ One push per adapter name at a time (a lock per name). The header is checked bef
 stored (checks.py); the bytes stream into a staging folder under `<adapters>/.incoming/` with a
 running hash and a size bound; the weights are checked against the base model; the folder is
 installed as `<adapters>/<name>/v<version>/` in one rename (rlhf.files.atomic_dir) and handed to
-the registry, which loads and (unless skip_activate) activates it. A refused or failed push
-leaves nothing behind (no staging folder, no version folder) and the active version serving.
+the registry, which loads and (unless skip_activate) activates it. A push with stage_seconds
+stages its version instead (registry.stage: servable when pinned, dropped unless activated in
+time). A refused or failed push leaves nothing behind (no staging folder, no version folder) and
+the active version serving.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ log = logging.getLogger("rlhf.policy.adapters")
 
 MAX_CHUNK = 4 * 1024 * 1024
 STAGING = ".incoming"
+MAX_STAGE_SECONDS = 86400
 
 
 @dataclass
@@ -97,15 +100,22 @@ class AdapterStore:
             raise InvalidArgument("the first message of a push must be the header")
         header = first.header
         peft = check_header(header, self.limits, self.shapes)
+        if header.stage_seconds > MAX_STAGE_SECONDS:
+            raise InvalidArgument(f"stage_seconds {header.stage_seconds} is above "
+                                  f"{MAX_STAGE_SECONDS}")
+        stage = header.stage_seconds > 0
+        activate = not (header.skip_activate or stage)
         name = header.adapter.name
         registry = self.registry
         async with self.name_lock(name):
             version = header.adapter.version or registry.next_version(name)
             same = registry.check_new_version(name, version, header.sha256)
             if same is not None:  # an identical re-push: nothing to store
-                activated = not header.skip_activate and registry.active != same.key
+                activated = activate and registry.active != same.key
                 if activated:
                     await registry.set_active(same.key)
+                elif stage and registry.staged_until(same.key) is not None:
+                    registry.stage(same.key, header.stage_seconds)  # a new deadline
                 return PushResult(same, activated, 0.0)
             staged = self.staging / uuid.uuid4().hex
             try:
@@ -124,10 +134,13 @@ class AdapterStore:
                 folder = self._install(staged, registry.dir_for(name, version), meta)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
-            kept, seconds = await registry.add(meta, folder, activate=not header.skip_activate)
+            kept, seconds = await registry.add(meta, folder, activate=activate)
+            if stage:
+                registry.stage(kept.key, header.stage_seconds)
         log.info("adapter %s@v%d loaded in %.3fs%s", name, version, seconds,
-                 "" if header.skip_activate else " and active")
-        return PushResult(kept, not header.skip_activate, seconds)
+                 " and active" if activate else
+                 f", staged for {header.stage_seconds}s" if stage else "")
+        return PushResult(kept, activate, seconds)
 
     async def _receive(self, header: policy_pb2.AdapterHeader, chunks, folder: Path) -> int:
         """Streams the data chunks into folder (weights) and writes the peft config beside

@@ -9,6 +9,13 @@ checkpoint that reads back whole (`pick`): a corrupt one, or a `latest` naming a
 `step-<k>` folder of this run, is passed over with a warning. Steps after the checkpoint (with
 checkpoint_every > 1) are done again, none is done twice in the metrics.
 
+Two more pointers name checkpoints that pruning never removes, whatever `keep_checkpoints` says:
+`last_good` (the newest checkpoint whose version passed its gates and was promoted:
+`mark_last_good`) and `best` (the best by eval reward: `mark_best`, a JSON {"name", "score"}).
+`resume_from` picks the checkpoint a run starts from (`resume_folder`): last, last_good, best or
+a folder's path; resuming from an older checkpoint than the newest moves the newer ones aside to
+`checkpoints/abandoned/<time>-<random>/` (they are the branch being abandoned, kept for inspection).
+
 Files are read with `torch.load(weights_only=True)`: tensors and plain containers only, so a
 planted pickle cannot run code in the trainer.
 """
@@ -17,16 +24,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import random
 import re
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from rlhf.files import atomic_dir, atomic_write
+from rlhf.files import atomic_dir, atomic_write, fsync_dir
+from rlhf.plumbing.config import ConfigError
 
 log = logging.getLogger("rlhf.trainer")
 
@@ -112,6 +124,140 @@ def pick(out: Path) -> Path | None:
     return None
 
 
+def last_good(out: Path) -> Path | None:
+    """The checkpoint `last_good` names, if it is a `step-<k>` folder of this run."""
+    return _pointed(out, "last_good", _read_pointer(checkpoints_dir(out) / "last_good"))
+
+
+def best(out: Path) -> tuple[Path | None, float | None]:
+    """(the checkpoint `best` names, its eval score), or (None, None)."""
+    raw = _read_pointer(checkpoints_dir(out) / "best")
+    if raw is None:
+        return None, None
+    try:
+        entry = json.loads(raw)
+        name, score = entry["name"], float(entry["score"])
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring the checkpoint pointer best: %s", exc)
+        return None, None
+    folder = _pointed(out, "best", name) if isinstance(name, str) else None
+    return (folder, score) if folder is not None else (None, None)
+
+
+def _read_pointer(pointer: Path) -> str | None:
+    try:
+        return pointer.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("ignoring the checkpoint pointer %s: %s", pointer, exc)
+        return None
+
+
+def _pointed(out: Path, pointer: str, name: str | None) -> Path | None:
+    if name is None:
+        return None
+    folder = _step_folder(out, name)
+    if folder is None or not (folder / "state.json").exists():
+        log.warning("ignoring the checkpoint pointer %s: %r is not a checkpoint of %s",
+                    pointer, name[:100], checkpoints_dir(out))
+        return None
+    return folder
+
+
+def mark_last_good(out: Path, folder: Path) -> bool:
+    """Names `folder`, a checkpoint whose version was promoted, as last_good; False (nothing
+    named) when it is not one of this run's checkpoints (a run resumed from another's)."""
+    own = _step_folder(out, folder.name)
+    if own is None or own.resolve() != folder.resolve():
+        return False
+    atomic_write(checkpoints_dir(out) / "last_good", folder.name)
+    return True
+
+
+def mark_best(out: Path, step: int, score: float) -> bool:
+    """Names checkpoint step-<step> as best when its eval `score` beats the current best's (or
+    there is none). False when it does not, or when the step has no checkpoint (a step between
+    checkpoints: call this after the step's checkpoint is saved)."""
+    folder = _step_folder(out, f"step-{step}")
+    if folder is None or not math.isfinite(score):
+        return False
+    current, current_score = best(out)
+    if current is not None and current != folder and current_score >= score:
+        return False
+    atomic_write(checkpoints_dir(out) / "best",
+                 json.dumps({"name": folder.name, "score": score}))
+    return True
+
+
+def resume_folder(out: Path, point: str | Path) -> Path | None:
+    """The checkpoint a run resumes from: `last` = `pick` (None: a fresh start); `last_good`,
+    `best` or a folder's path must name a checkpoint that reads back whole, else ConfigError
+    says why."""
+    if point == "last":
+        return pick(out)
+    if point == "last_good":
+        folder = last_good(out)
+        if folder is None:
+            raise ConfigError(f"resume_from last_good: {out} has no last_good checkpoint (no "
+                              "checkpointed version of this run has been promoted yet)")
+    elif point == "best":
+        folder = best(out)[0]
+        if folder is None:
+            raise ConfigError(f"resume_from best: {out} has no best checkpoint (no checkpointed "
+                              "version of this run has been evaluated yet)")
+    else:
+        folder = Path(point).expanduser()
+        if not folder.is_dir() or not _STEP_NAME.fullmatch(folder.resolve().name):
+            raise ConfigError(f"resume_from {str(point)!r} is not a checkpoint folder "
+                              "(checkpoints/step-<k>)")
+        folder = folder.resolve()
+    try:
+        read(folder)
+    except CorruptCheckpoint as exc:
+        raise ConfigError(f"resume_from {point}: checkpoint {folder} does not read back "
+                          f"whole ({exc})") from None
+    return folder
+
+
+def abandon_after(out: Path, folder: Path) -> list[Path]:
+    """Moves this run's checkpoints newer than `folder`'s step to `checkpoints/abandoned/<time>-*/`
+    (a run resumed from an older checkpoint must not prune its new ones in their favour, nor
+    overwrite them); `latest` then names `folder` if it is one of this run's. Returns where they
+    went; pointers that named them are dropped."""
+    root = checkpoints_dir(out)
+    newer = [k for k in _saved_steps(out) if k > step_of(folder)]
+    moved = []
+    if newer:
+        (root / "abandoned").mkdir(exist_ok=True)
+        aside = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"),
+                                      dir=root / "abandoned"))
+        names = {f"step-{k}" for k in newer}
+        for pointer in ("last_good", "best"):
+            target = _read_pointer(root / pointer)
+            name = target if pointer == "last_good" else _best_name(target)
+            if name in names:
+                (root / pointer).unlink(missing_ok=True)
+        for k in newer:
+            os.rename(root / f"step-{k}", aside / f"step-{k}")
+            moved.append(aside / f"step-{k}")
+        fsync_dir(aside)
+        fsync_dir(root)
+        log.warning("resuming from %s: the newer checkpoints %s were moved to %s", folder,
+                    ", ".join(p.name for p in moved), aside)
+    own = _step_folder(out, folder.name)
+    if own is not None and own.resolve() == folder.resolve():
+        atomic_write(root / "latest", folder.name)
+    return moved
+
+
+def _best_name(raw: str | None) -> str | None:
+    try:
+        return json.loads(raw)["name"] if raw else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": np.random.get_state()}
@@ -140,9 +286,16 @@ def save(out: Path, step: int, *, model, optimizer, state: dict, keep: int) -> P
                    tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
     atomic_write(root / "latest", final.name)
-    for old in _saved_steps(out)[keep:]:
-        shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+    prune(out, keep)
     return final
+
+
+def prune(out: Path, keep: int) -> None:
+    """Removes the checkpoints past the newest `keep`, except last_good's and best's."""
+    kept = {step_of(f) for f in (last_good(out), best(out)[0]) if f is not None}
+    for old in _saved_steps(out)[keep:]:
+        if old not in kept:
+            shutil.rmtree(checkpoints_dir(out) / f"step-{old}", ignore_errors=True)
 
 
 def read(folder: Path) -> tuple[dict, dict, dict]:
@@ -184,7 +337,12 @@ def load(folder: Path, *, model, optimizer) -> dict:
     with torch.no_grad():
         for name, value in trainable.items():
             named[name].copy_(value)
+    # The run's settings choose the learning rate, also of a resumed run (the saved optimizer
+    # carries the one it was saved with).
+    rates = [group["lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict(blob["optimizer"])
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
     set_rng_state(blob["rng"])
     return state
 

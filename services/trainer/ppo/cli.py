@@ -34,6 +34,10 @@ def _progress_hooks(total: int, start: int):
         kl = {"kl": f"{m['kl/ref']:.3f}"} if "kl/ref" in m else {}  # no reference pass: none
         bar.set_postfix(reward=f"{m['reward/mean']:.3f}", **kl, v=m["adapter/version"],
                         refresh=True)
+        if "eval/reward_mean" in m:
+            verdict = "promoted" if m["eval/promoted"] else "not promoted"
+            bar.write(f"eval v{m['eval/version']}: reward {m['eval/reward_mean']:.3f} "
+                      f"± {m['eval/reward_std']:.3f}, {verdict} ({m['eval/reason']})")
 
     def on_state(state: str, message: str) -> None:
         bar.set_description("ppo (waiting)" if state == "waiting" else "ppo")
@@ -77,8 +81,21 @@ def _flag(name: str, *decls: str, **kwargs):
 @_flag("dynamic_sampling")
 @_flag("overlong")
 @_flag("checkpoint_every")
+@_flag("keep_checkpoints")
+@_flag("resume_from")
+@_flag("max_update_norm")
+@_flag("on_bad_step")
+@_flag("max_bad_steps")
+@_flag("eval_prompts")
+@_flag("eval_every")
+@_flag("eval_samples")
+@_flag("eval_temperature")
+@_flag("max_eval_drop")
 @_flag("seed")
 @_flag("admin_token", envvar="RLHF_POLICY_ADMIN_TOKEN")
+@_flag("promotion")
+@_flag("stage_seconds")
+@_flag("delivery_threshold")
 @_flag("report_to")
 @_flag("device")
 @_flag("compute_dtype")
@@ -90,6 +107,7 @@ def train_ppo(config_file, **flags) -> None:
     from services.trainer.data import DataError
     from services.trainer.distributed import backend_for, process_group
     from services.trainer.ppo.checkpoint import latest, step_of
+    from services.trainer.ppo.gates import GateFailed
     from services.trainer.ppo.learner import Learner
 
     flags["policy_addr"] = list(flags["policy_addr"]) or None
@@ -110,14 +128,14 @@ def train_ppo(config_file, **flags) -> None:
     with process_group(backend, timeout) as world:
         bar = None
         try:
-            hooks = None
+            learner = Learner(settings, None, world)
             if world.is_main:
                 done = 0
-                if latest(settings.out) is not None:
-                    done = step_of(latest(settings.out))
-                    click.echo(f"resuming {settings.out} after step {done}", err=True)
-                bar, hooks = _progress_hooks(settings.steps, done)
-            learner = Learner(settings, hooks, world)
+                start = learner.resume_from or latest(settings.out)
+                if start is not None:
+                    done = step_of(start)
+                    click.echo(f"resuming {settings.out} after step {done} ({start})", err=True)
+                bar, learner.hooks = _progress_hooks(settings.steps, done)
         except (ConfigError, DataError, FileNotFoundError) as exc:
             raise click.UsageError(str(exc)) from None
         try:
@@ -126,6 +144,12 @@ def train_ppo(config_file, **flags) -> None:
             click.echo("\ninterrupted; the last checkpoint is kept, run again to resume",
                        err=True)
             sys.exit(130)
+        except GateFailed as exc:
+            if bar is not None:
+                bar.close()
+                bar = None
+            click.echo(f"run failed: {exc}", err=True)
+            sys.exit(1)
         finally:
             if bar is not None:
                 bar.close()

@@ -40,6 +40,12 @@ PROTO_FIELDS = {
 FILE_ONLY = ("policy/response_length", "passes/forward_policy", "passes/forward_ref",
              "passes/forward_value", "passes/backward_policy", "passes/backward_value")
 
+# In metrics.jsonl and as gauges of their own (no wire field): the latest evaluation of a version
+# on the held-out prompts, and whether it was promoted (services/trainer/ppo/evaluation.py).
+EVAL_KEYS = ("eval/version", "eval/reward_mean", "eval/reward_std", "eval/samples",
+             "eval/promoted", "eval/reason", "eval/baseline_version", "eval/baseline_reward_mean",
+             "eval/baseline_reward_std")
+
 _GAUGED = {"reward/mean", "kl/ref", "step", "adapter/version"}  # gauges of their own
 _PHASES = ("generate", "score", "train", "push")
 
@@ -62,6 +68,17 @@ class TrainerMetrics:
                              ("phase",))
         self.push_failures = m.counter("rlhf_trainer_push_failures", "Replica push refusals")
         self.waiting = m.gauge("rlhf_trainer_waiting", "1 while a run waits for a service")
+        self.eval_mean = m.gauge("rlhf_trainer_eval_reward_mean",
+                                 "Eval reward mean of the latest evaluated version")
+        self.eval_std = m.gauge("rlhf_trainer_eval_reward_std",
+                                "Eval reward std of the latest evaluated version")
+        self.eval_version = m.gauge("rlhf_trainer_eval_version", "Latest evaluated version")
+        self.promoted_mean = m.gauge("rlhf_trainer_eval_promoted_reward_mean",
+                                     "Eval reward mean of the promoted version")
+        self.promoted_version = m.gauge("rlhf_trainer_eval_promoted_version",
+                                        "Newest version promoted by its evaluation")
+        self.eval_refused = m.counter("rlhf_trainer_eval_refused",
+                                      "Evaluated versions refused by the eval gate")
 
     def record(self, metrics: dict) -> None:
         self.step.set(metrics["step"])
@@ -74,3 +91,18 @@ class TrainerMetrics:
                 self.figure.labels(field).set(metrics[key])
         for phase in _PHASES:
             self.phase.labels(phase).set(metrics[f"time/{phase}"])
+        self.record_eval(metrics)
+
+    def record_eval(self, metrics: dict) -> None:
+        if "eval/baseline_version" in metrics:  # the promoted version the step compared with
+            self.promoted_mean.set(metrics["eval/baseline_reward_mean"])
+            self.promoted_version.set(metrics["eval/baseline_version"])
+        if "eval/reward_mean" in metrics:
+            self.eval_mean.set(metrics["eval/reward_mean"])
+            self.eval_std.set(metrics["eval/reward_std"])
+            self.eval_version.set(metrics["eval/version"])
+            if metrics["eval/promoted"]:
+                self.promoted_mean.set(metrics["eval/reward_mean"])
+                self.promoted_version.set(metrics["eval/version"])
+            else:
+                self.eval_refused.inc()

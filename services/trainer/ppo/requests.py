@@ -24,6 +24,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # named ones; compared without case (case-insensitive file systems).
 RESERVED_NAMES = frozenset({
     "state.json", "latest", "checkpoints", "metrics.jsonl", "latest-adapter", "initial-adapter",
+    "evaluation.json",
     "rlhf_adapter.json", "adapter_config.json", "adapter_model.safetensors",
 })
 

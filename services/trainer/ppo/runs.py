@@ -31,7 +31,7 @@ from services.trainer.ppo.requests import (
     check_prompts_file,
     check_target_modules,
 )
-from services.trainer.ppo.settings import PPOSettings
+from services.trainer.ppo.settings import RESUME_POINTS, PPOSettings
 
 log = logging.getLogger("rlhf.trainer.runs")
 # Finished runs kept for GetRun/WatchRun; older ones are forgotten (their folders stay).
@@ -106,6 +106,14 @@ def settings_to_proto(s: PPOSettings) -> trainer_pb2.RunConfig:
         mismatch_threshold=s.mismatch_threshold, dynamic_sampling=s.dynamic_sampling,
         max_refill_rounds=s.max_refill_rounds, overlong=s.overlong,
         overlong_buffer=s.overlong_buffer, overlong_penalty=s.overlong_penalty,
+        eval_prompts_path=str(s.eval_prompts or ""), eval_every=s.eval_every,
+        eval_samples=s.eval_samples, eval_temperature=s.eval_temperature,
+        max_eval_drop=s.max_eval_drop,
+        keep_checkpoints=s.keep_checkpoints, resume_from=s.resume_from,
+        max_update_norm=s.max_update_norm, on_bad_step=s.on_bad_step,
+        max_bad_steps=s.max_bad_steps, stage_seconds=s.stage_seconds,
+        delivery_threshold=s.delivery_threshold or 0.0, delivery_samples=s.delivery_samples,
+        promotion=s.promotion, canary_wait_seconds=s.canary_wait_seconds,
     )
 
 
@@ -132,19 +140,32 @@ def settings_from_proto(cfg: trainer_pb2.RunConfig, defaults: TrainerConfig,
         values["init_adapter"] = check_path(cfg.init_adapter, "init_adapter", roots, "dir")
     if cfg.prompts_path:
         values["prompts"] = check_path(cfg.prompts_path, "prompts_path", roots, "file")
+    if cfg.resume_from:
+        values["resume_from"] = (cfg.resume_from if cfg.resume_from in RESUME_POINTS
+                                 else str(check_path(cfg.resume_from, "resume_from", roots,
+                                                     "dir")))
+    if cfg.eval_prompts_path:
+        values["eval_prompts"] = check_path(cfg.eval_prompts_path, "eval_prompts_path", roots,
+                                            "file")
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
                  "ppo_epochs", "minibatch_size", "lora_rank", "checkpoint_every",
                  "micro_batch_size", "device", "compute_dtype", "loss_type",
-                 "mismatch_correction", "overlong"):
+                 "mismatch_correction", "overlong", "eval_every", "eval_samples",
+                 "keep_checkpoints", "on_bad_step", "max_bad_steps", "stage_seconds",
+                 "delivery_samples", "promotion"):
         if getattr(cfg, name):
             values[name] = getattr(cfg, name)
     for name in ("temperature", "learning_rate", "clip_range", "clip_range_value", "gamma",
                  "lam", "kl_coef", "lora_alpha", "max_staleness", "seed", "push_quorum",
                  "gradient_checkpointing", "clip_range_low", "clip_range_high",
                  "mismatch_threshold", "dynamic_sampling", "max_refill_rounds",
-                 "overlong_buffer", "overlong_penalty"):
+                 "overlong_buffer", "overlong_penalty", "eval_temperature", "max_eval_drop",
+                 "max_update_norm", "canary_wait_seconds"):
         if cfg.HasField(name):
             values[name] = getattr(cfg, name)
+    if cfg.HasField("delivery_threshold") and cfg.delivery_threshold != 0:
+        # 0 (digests only) becomes None below; a negative or non-finite one is refused.
+        values["delivery_threshold"] = cfg.delivery_threshold
     if cfg.HasField("target_kl") and cfg.target_kl != 0:
         values["target_kl"] = cfg.target_kl  # a negative or non-finite one is refused below
     if cfg.kl_estimator:
@@ -165,6 +186,8 @@ def settings_from_proto(cfg: trainer_pb2.RunConfig, defaults: TrainerConfig,
                   out=defaults.resolved_runs_dir() / run_id)
     try:
         settings = PPOSettings.load(None, **{k: v for k, v in values.items() if v is not None})
+        if cfg.HasField("delivery_threshold") and cfg.delivery_threshold == 0:
+            settings = settings.model_copy(update={"delivery_threshold": None})
         settings.require_runnable()
     except ConfigError as exc:
         raise InvalidArgument(str(exc)) from None

@@ -18,6 +18,8 @@ from services.trainer.tracking import REPORT_TO_HELP, ReportTo
 
 # The attention projections, as vLLM serves LoRA on them.
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# The checkpoints `resume_from` names (services/trainer/ppo/checkpoint.py); anything else is a path.
+RESUME_POINTS = ("last", "last_good", "best")
 
 
 class PPOSettings(StageSettings):
@@ -100,12 +102,60 @@ class PPOSettings(StageSettings):
                       description="Seed of sampling, data order and initialisation.")
     checkpoint_every: int = Field(1, ge=1, le=1_000_000, description="Save a checkpoint every N "
                                   "steps (and always after the last step, or when stopped).")
-    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
+    keep_checkpoints: int = Field(
+        2, ge=1, le=1000, description="Newest checkpoints kept on disk; the last_good and best "
+        "checkpoints are kept besides.")
+    resume_from: str = Field(
+        "last", min_length=1, max_length=4096, description="Checkpoint a run in an existing out "
+        "folder resumes from: last (the newest that reads back whole), last_good (the newest "
+        "promoted version's), best (the best by eval reward) or the path of a step-<k> folder.")
+    # Gates (services/trainer/ppo/gates.py): a step that fails them is rolled back, never pushed.
+    max_update_norm: float = Field(
+        2.0, gt=0, le=1e6, description="Largest relative L2 change of the policy's LoRA weights "
+        "over one step, ||after - before|| / ||before||; a larger step fails its gate "
+        "(docs/trainer.md, \"Gates and last good\").")
+    on_bad_step: Literal["skip", "stop"] = Field(
+        "stop", description="A step that fails its gates is rolled back and its batch dropped; "
+        "stop: the run fails after max_bad_steps such steps in a row; skip: it goes on.")
+    max_bad_steps: int = Field(
+        3, ge=1, le=1_000_000, description="on_bad_step stop: failed steps in a row that end the "
+        "run (1: the first).")
     adapter_name: str = Field("policy", description="Adapter name pushed to the policy.")
     push_quorum: float = Field(1.0, gt=0, le=1,
                                description="Fraction of replicas that must confirm.")
+    # Staged commit and delivery check (services/trainer/ppo/delivery.py).
+    stage_seconds: int = Field(
+        600, ge=1, le=86400, description="A pushed version is staged on every replica (loaded, "
+        "not active) and activated on all of them, or none when fewer than push_quorum staged "
+        "it; a replica drops a staged version not activated (or kept) within this many seconds "
+        "(promotion canary adds canary_wait_seconds).")
+    delivery_threshold: float | None = Field(
+        0.1, gt=0, le=100, description="Delivery check: largest per-token mean |logprob "
+        "difference| (nats) between the policy's answer and the learner's own logprobs on the "
+        "first rollouts of each new version; above it the version is 'not delivered as "
+        "trained', its rollouts are refused and the run fails. 0.1 passes a correct bfloat16 "
+        "policy (services/trainer/ppo/delivery.py). None: only the served sha256 is compared with "
+        "the pushed (also what happens against replicas running the fake engine, whose "
+        "logprobs are not a model's).")
+    delivery_samples: int = Field(
+        8, ge=1, le=4096, description="Rollouts of each new version the delivery check "
+        "recomputes.")
     admin_token: str | None = Field(None, repr=False,
                                     description="Policy admin token (for pushes).")
+    promotion: Literal["immediate", "canary"] = Field(
+        "immediate", description="How a committed version reaches users: immediate (activated "
+        "on every replica once staged) or canary (staged, left inactive: the gateway serves it "
+        "to canary_fraction of its traffic, then promotes or drops it; docs/operations.md).")
+    canary_wait_seconds: float = Field(
+        3900.0, gt=0, le=86400, description="promotion canary: seconds a staged version stays "
+        "staged beyond stage_seconds, waiting for the gateway's verdict (keep it above the "
+        "gateway's canary_max_seconds); the replicas drop it after that unless promoted.")
+    canary_gateway_url: str | None = Field(
+        None, description="promotion canary: the gateway whose GET /v1/admin/canary tells why "
+        "a version was rolled back (metrics.jsonl canary/reason); without it the outcome is "
+        "read from the replicas alone.")
+    canary_gateway_key: str | None = Field(
+        None, repr=False, description="Admin API key of canary_gateway_url.")
     retry_max_seconds: float = Field(600.0, gt=0, le=86400,
                                      description="Give up waiting on a service after.")
     rpc_timeout_seconds: float = Field(300.0, gt=0, le=86400, description="Deadline of one call.")
@@ -150,6 +200,20 @@ class PPOSettings(StageSettings):
         "machine shared with a CPU policy, give each its own cores so generation and training "
         "really overlap.",
     )
+    # Evaluation during training (services/trainer/ppo/evaluation.py).
+    eval_prompts: Path | None = Field(
+        None, description="Held-out prompts JSONL (as prompts): each evaluated version generates "
+        "on them with its version pinned and is scored on the reward service (none: no eval).")
+    eval_every: int = Field(5, ge=1, le=1_000_000, description="Evaluate every N steps (also "
+                            "the starting version and the last step's).")
+    eval_samples: int = Field(2, ge=1, le=256, description="Completions per eval prompt.")
+    eval_temperature: float | None = Field(
+        None, ge=0, le=100, description="Sampling temperature of eval (0: greedy; default: "
+        "temperature); the seed is fixed, so an evaluation is repeatable.")
+    max_eval_drop: float | None = Field(
+        None, ge=0, le=1e6, description="Largest drop of the eval reward mean below the promoted "
+        "version's that a version may show and still be promoted; with it set, only evaluated "
+        "versions are activated for users (none: eval is reported, never blocks).")
 
     @field_validator("device")
     @classmethod
@@ -167,6 +231,12 @@ class PPOSettings(StageSettings):
                              "clipped surrogate (loss_type dapo)")
         return self
 
+    @model_validator(mode="after")
+    def _evaluation(self) -> PPOSettings:
+        if self.max_eval_drop is not None and self.eval_prompts is None:
+            raise ValueError("max_eval_drop compares eval rewards: it needs eval_prompts")
+        return self
+
     def clip_bounds(self) -> tuple[float, float]:
         """(clip_low, clip_high): the ratio is clipped to [1 - clip_low, 1 + clip_high]."""
         return (self.clip_range if self.clip_range_low is None else self.clip_range_low,
@@ -181,6 +251,17 @@ class PPOSettings(StageSettings):
             raise ValueError(f"overlong_buffer ({self.overlong_buffer}) must be at most "
                              f"max_new_tokens ({self.max_new_tokens})")
         return self
+
+    @field_validator("resume_from")
+    @classmethod
+    def _resume_from(cls, value: str) -> str:
+        if value not in RESUME_POINTS and "\x00" in value:
+            raise ValueError("must be last, last_good, best or a checkpoint folder's path")
+        return value
+
+    def resume_point(self) -> str | Path:
+        """`resume_from` as a named point (last, last_good, best) or a checkpoint folder."""
+        return self.resume_from if self.resume_from in RESUME_POINTS else Path(self.resume_from)
 
     def resolved_model(self) -> Path:
         from rlhf.paths import default_model_dir

@@ -6,6 +6,9 @@
        term of `kl_estimator` for GRPO/RLOO), each token's term weighted by the mismatch
        correction (pi_learner_old / pi_vllm: TIS or MIS), clipped value loss, one optimizer step
        per minibatch
+    -> the gates (ppo/gates.py): a step whose losses, gradients before clipping or weights are
+       not finite, or whose update is larger than max_update_norm, is rolled back (weights and
+       optimizer state) and reported with `gate/failed` and `gate/reason`
 
 No pass is done that the step does not need:
 - the rows of the first minibatch of the first epoch take their old logprobs (and entropy) from
@@ -39,6 +42,7 @@ from services.trainer import losses
 from services.trainer import rl_math as rl
 from services.trainer.clients import Sample
 from services.trainer.distributed import World
+from services.trainer.ppo import gates
 from services.trainer.ppo.actor_critic import ActorCritic, Batch, make_batch
 from services.trainer.ppo.settings import PPOSettings
 
@@ -127,6 +131,12 @@ class Update:
         sums = dict.fromkeys(UPDATE_FIGURES, 0.0)
         updates = 0
         params = model.trainable_parameters()
+        # What the gates compare against, and what a step that fails them returns to.
+        before = gates.Snapshot(params, self.optimizer)
+        policy = model.adapter_parameters("policy")
+        policy_before = [before.weights[i] for i, p in enumerate(params)
+                         if any(p is q for q in policy)]
+        grad_norms = []
         tokens = losses.row_weights(s.loss_type, mask).tolist()  # [B] loss denominator per row
         for epoch, epoch_minibatches in enumerate(minibatches):
             for k, idx in enumerate(epoch_minibatches):
@@ -150,22 +160,33 @@ class Update:
                     for kind in ("forward_policy", "backward_policy") + (
                             ("forward_value", "backward_value") if s.algo == "ppo" else ()):
                         self.passes[kind] += share
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 for key in UPDATE_FIGURES:
                     sums[key] += part[key]
                 updates += 1
 
+        figures = {key: value / updates for key, value in sums.items()}
+        verdict = gates.judge(figures, [float(g) for g in grad_norms],
+                              [(name, p) for name, p in model.named_parameters()
+                               if p.requires_grad], policy_before, policy, s.max_update_norm)
+        if not verdict.passed:
+            before.restore(self.optimizer)
         stats = {
-            "reward/mean": float(scores.mean()),
-            "reward/std": float(scores.std()) if n > 1 else 0.0,
+            "reward/mean": float(scores.double().mean()),
+            "reward/std": float(scores.double().std()) if n > 1 else 0.0,
+            "gate/failed": 0.0 if verdict.passed else 1.0,
+            "gate/update_norm": verdict.update_norm,
+            "gate/grad_norm": verdict.grad_norm,
+            **({} if verdict.passed else {"gate/reason": verdict.reason}),
         }
         if ref_logp is not None:
             if kl is None:
                 kl = rl.approx_kl(s.kl_estimator, old_logp, ref_logp) * mask   # [B, T]
             mean_kl = float(kl.sum(-1).mean())
-            self.kl_ctl.update(mean_kl, n)
+            if verdict.passed:  # a rolled-back step leaves the controller where it was
+                self.kl_ctl.update(mean_kl, n)
             stats["kl/ref"] = mean_kl
         weights = losses.mismatch_weights(s.mismatch_correction, old_logp, behaviour, known,
                                           s.mismatch_threshold)
@@ -173,7 +194,7 @@ class Update:
         return {
             **stats,
             "policy/entropy": float(rl.masked_mean(entropy, mask)),
-            **{key: value / updates for key, value in sums.items()},
+            **figures,
             "policy/logprob_mismatch": float(rl.masked_mean((behaviour - old_logp).abs(), mask)),
             "policy/response_length": float(mask.sum(-1).mean()),
             "memory/peak_gb": self._peak_gb(),
