@@ -57,6 +57,16 @@ class StageSettings(BaseModel):
         return None if field.default is PydanticUndefined else field.default
 
 
+# The attention projections: what the SFT and DPO stages adapt unless told otherwise.
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def split_target_modules(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Click callback of a repeatable, comma-separated --target-module option."""
+    names = tuple(n.strip() for v in values for n in v.split(",") if n.strip())
+    return names or LORA_TARGET_MODULES
+
+
 def option(settings: type[StageSettings], name: str, *decls: str, overlay: bool = False,
            **kwargs):
     """A click option for field `name` of `settings`: flag `--name-with-dashes` (or `decls`), its

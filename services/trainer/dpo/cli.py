@@ -12,13 +12,8 @@ from pathlib import Path
 import click
 
 from rlhf.plumbing.config import ConfigError
-from services.trainer.dpo.settings import DEFAULT_TARGET_MODULES, DPOSettings
-from services.trainer.settings import option
-
-
-def _split_modules(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
-    names = tuple(n.strip() for v in values for n in v.split(",") if n.strip())
-    return names or DEFAULT_TARGET_MODULES
+from services.trainer.dpo.settings import DPOSettings
+from services.trainer.settings import LORA_TARGET_MODULES, option, split_target_modules
 
 
 def _option(name: str, *decls: str, **kwargs):
@@ -42,9 +37,9 @@ def _option(name: str, *decls: str, **kwargs):
 @_option("max_length")
 @_option("lora_r")
 @_option("lora_alpha")
-@_option("target_modules", default=(), callback=_split_modules,
+@_option("target_modules", default=(), callback=split_target_modules,
          help=f"{DPOSettings.model_fields['target_modules'].description} "
-              f"[default: {','.join(DEFAULT_TARGET_MODULES)}]")
+              f"[default: {','.join(LORA_TARGET_MODULES)}]")
 @_option("seed")
 @_option("report_to")
 @_option("device")

@@ -9,10 +9,9 @@ from pydantic import Field, model_validator
 
 from rlhf.paths import default_model_dir
 from rlhf.plumbing.config import AddressList, ClientTLS
+from services.trainer.settings import LORA_TARGET_MODULES as DEFAULT_TARGET_MODULES
 from services.trainer.settings import StageSettings
 from services.trainer.tracking import REPORT_TO_HELP, ReportTo
-
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class DPOSettings(StageSettings):

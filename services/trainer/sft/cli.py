@@ -11,13 +11,8 @@ from pathlib import Path
 import click
 
 from rlhf.plumbing.config import ConfigError
-from services.trainer.settings import option
-from services.trainer.sft.settings import DEFAULT_TARGET_MODULES, SFTSettings
-
-
-def _split_modules(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
-    names = tuple(n.strip() for v in values for n in v.split(",") if n.strip())
-    return names or DEFAULT_TARGET_MODULES
+from services.trainer.settings import LORA_TARGET_MODULES, option, split_target_modules
+from services.trainer.sft.settings import SFTSettings
 
 
 def _option(name: str, *decls: str, **kwargs):
@@ -34,9 +29,9 @@ def _option(name: str, *decls: str, **kwargs):
 @_option("max_length")
 @_option("lora_r")
 @_option("lora_alpha")
-@_option("target_modules", default=(), callback=_split_modules,
+@_option("target_modules", default=(), callback=split_target_modules,
          help=f"{SFTSettings.model_fields['target_modules'].description} "
-              f"[default: {','.join(DEFAULT_TARGET_MODULES)}]")
+              f"[default: {','.join(LORA_TARGET_MODULES)}]")
 @_option("seed")
 @_option("packing", "--no-packing", flag_value=False, show_default=False)
 @_option("report_to")
